@@ -1,0 +1,3 @@
+from distrain.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,167 @@
+"""The ``distrain`` command: train, eval, plan, data.
+
+User mistakes (a :class:`DistrainError`) print one line ``distrain: error: ...`` and exit 2;
+everything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from distrain.errors import DistrainError
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from distrain.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    from distrain.engine.loop import train
+
+    train(cfg, resume=args.resume)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from distrain.engine.standalone import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(args.target, args.overrides)
+    if metrics is not None:
+        print(json.dumps(metrics) if args.json else _format_eval(metrics))
+    return 0
+
+
+def _format_eval(m: dict) -> str:
+    return (
+        f"eval top-1 {m['eval/top1']:.2f}%  top-5 {m['eval/top5']:.2f}%  loss {m['eval/loss']:.4f}  "
+        f"({m['eval/samples']} samples, checkpoint {m['checkpoint']})"
+    )
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from distrain.config import load_config
+    from distrain.plan import make_plan
+
+    cfg = load_config(args.config, args.overrides)
+    samples = cfg.data.train_samples or _indexed_train_samples(cfg)
+    plan = make_plan(cfg, args.nodes * args.gpus_per_node, samples)
+    if args.json:
+        print(json.dumps(plan.as_dict(), indent=1))
+        return 0
+    rows = [
+        ("processes", f"{args.nodes} node(s) x {args.gpus_per_node} = {plan.world_size}"),
+        ("per-device batch", plan.per_device),
+        ("accumulation", plan.accumulation),
+        ("global batch", plan.global_batch),
+        ("training samples", plan.train_samples),
+        ("updates per epoch", plan.updates_per_epoch),
+        ("samples per epoch", plan.samples_per_epoch),
+        ("epochs", plan.epochs),
+        ("total updates", plan.total_updates),
+        ("base LR", f"{plan.base_lr:g} per {plan.base_batch}"),
+        ("peak LR", f"{plan.peak_lr:g} ({plan.scaling} scaling)"),
+        ("warmup updates", f"{plan.warmup_updates} from LR {plan.warmup_start_lr:g}" if plan.warmup_updates else 0),
+        ("decay", cfg.schedule.decay),
+    ]
+    if cfg.schedule.decay == "multistep":
+        rows.append(("milestone updates", ", ".join(map(str, plan.milestone_updates)) + f" (x{cfg.schedule.gamma:g})"))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def _indexed_train_samples(cfg) -> int:
+    from distrain.data.shards import resolve_shards
+
+    if not cfg.data.train:
+        raise DistrainError("data.train_samples: set it (or data.train) so the plan knows the dataset size")
+    try:
+        return resolve_shards(cfg.data.train).total
+    except DistrainError as e:
+        raise DistrainError(f"{e}; or set data.train_samples to plan without the data") from None
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from distrain.data import writer
+
+    if args.source == "digits":
+        out = writer.write_digits(
+            args.out, samples_per_shard=args.samples_per_shard or 256, seed=args.seed, overwrite=args.overwrite
+        )
+    elif args.source == "folder":
+        out = writer.write_folder(
+            args.src,
+            args.out,
+            samples_per_shard=args.samples_per_shard or 1000,
+            shuffle_seed=None if args.no_shuffle else args.seed,
+            overwrite=args.overwrite,
+        )
+    else:
+        out = {"index": writer.index_shards(args.dir)}
+    for name, path in out.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``distrain`` command."""
+    p = argparse.ArgumentParser(prog="distrain", description="Distributed image-classification training.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train from a YAML recipe (run it under accelerate launch for N processes)")
+    t.add_argument("config", help="YAML recipe, e.g. configs/quickstart.yaml")
+    t.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. batch.per_device=64")
+    t.add_argument("--resume", metavar="auto|PATH", help="continue from the newest checkpoint of the run dir, or PATH")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint on its eval shards (1 or N processes)")
+    e.add_argument("target", help="a run dir (newest checkpoint) or a checkpoint dir")
+    e.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. data.eval=other/shards")
+    e.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    e.set_defaults(func=_cmd_eval)
+
+    pl = sub.add_parser("plan", help="show the batch maths of a recipe for a cluster shape (no GPU or data needed)")
+    pl.add_argument("config")
+    pl.add_argument("overrides", nargs="*")
+    pl.add_argument("--nodes", type=int, default=1)
+    pl.add_argument("--gpus-per-node", type=int, default=1, help="processes per node")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=_cmd_plan)
+
+    d = sub.add_parser("data", help="write webdataset shards with an index")
+    dsub = d.add_subparsers(dest="source", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--out", required=True, help="output directory")
+    common.add_argument("--samples-per-shard", type=int, default=0)
+    common.add_argument("--seed", type=int, default=0, help="seed of the shuffle before sharding")
+    common.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    dsub.add_parser("digits", parents=[common], help="scikit-learn's handwritten digits (32x32 RGB PNG; train/test)")
+    f = dsub.add_parser("folder", parents=[common], help="a class-per-folder image tree (train/ val/ test/ splits)")
+    f.add_argument("src")
+    f.add_argument("--no-shuffle", action="store_true", help="keep sorted order instead of shuffling")
+    ix = dsub.add_parser("index", help="write index.json for a directory of existing webdataset tars")
+    ix.add_argument("dir")
+    d.set_defaults(func=_cmd_data)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``distrain`` console script."""
+    args = build_parser().parse_args(argv)
+    if getattr(args, "samples_per_shard", 0) < 0:
+        print("distrain: error: --samples-per-shard must be > 0", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except DistrainError as e:
+        print(f"distrain: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("distrain: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,398 @@
+"""The typed schema of a distrain run, YAML recipes with ``extends``, and dotted overrides.
+
+A recipe is a YAML mapping whose keys mirror :class:`Config`. ``extends: other.yaml`` (a path
+relative to the recipe) deep-merges the recipe over its base. Command-line overrides are
+``section.key=value`` with the value parsed as YAML. Every key and value is checked against the
+schema before any process group, model or dataset exists; a mistake raises :class:`DistrainError`
+naming the key and, for a misspelt key, the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from distrain.errors import DistrainError
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how samples become uint8 tensors."""
+
+    train: Union[str, list[str]] = ""
+    """Training shards: a shard-set directory, a file, a glob or a brace pattern (or a list)."""
+    eval: Union[str, list[str]] = ""
+    """Evaluation shards, same forms as ``train``; empty disables evaluation."""
+    prepare: Optional[Literal["digits"]] = None
+    """Write this built-in dataset's shards when ``train`` is missing (the quickstart uses it)."""
+    num_classes: int = 0
+    """0 takes the number of classes from the shard index."""
+    train_samples: int = 0
+    """Size of the training set for ``distrain plan`` without data; 0 reads the shard index."""
+    train_crop: int = 224
+    eval_resize: int = 256
+    eval_crop: int = 224
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    """RandomResizedCrop area range."""
+    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    """RandomResizedCrop aspect-ratio range."""
+    hflip: bool = True
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    workers: int = 2
+    """DataLoader worker processes per rank (0 decodes in the training process)."""
+    shuffle_block: int = 1024
+    """Samples shuffled together inside each worker's stream (shards are always shuffled)."""
+    prefetch: int = 2
+    """Batches each worker prepares ahead."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet50"
+    """torchvision classification model name, or cifar_resnet20/32/44/56/110."""
+    norm: Literal["batch", "group"] = "batch"
+    """Normalisation layers (CIFAR ResNets and torchvision ResNet families); group is batch-independent."""
+    channels_last: bool = False
+    compile: bool = False
+    """torch.compile the model (GPU runs; adds start-up time)."""
+
+
+@dataclass
+class BatchConfig:
+    per_device: int = 32
+    """Samples per device per micro-batch."""
+    accumulation: int = 1
+    """Micro-batches per optimizer update."""
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.1
+    """Learning rate at the reference batch ``base_batch``; the peak LR is scaled from it."""
+    base_batch: int = 256
+    scaling: Literal["linear", "sqrt", "none"] = "linear"
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    norm_bias_decay: bool = False
+    """Apply weight decay to norm-layer and bias parameters too (Goyal et al. exclude them)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: int = 90
+    warmup_epochs: float = 0.0
+    warmup_start_lr: Optional[float] = None
+    """LR at update 0 of the warmup; None starts at ``optim.lr`` (the unscaled LR, as Goyal et al.)."""
+    decay: Literal["cosine", "multistep", "constant"] = "cosine"
+    milestones: list[float] = field(default_factory=lambda: [30, 60, 80])
+    """Epochs at which multistep decay multiplies the LR by ``gamma``."""
+    gamma: float = 0.1
+    final_lr_factor: float = 0.0
+    """Cosine decays to ``peak * final_lr_factor``."""
+
+
+@dataclass
+class TrainConfig:
+    label_smoothing: float = 0.0
+    clip_grad_norm: Optional[float] = None
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: bf16 on GPUs that support it, fp32 on CPU."""
+    log_every: int = 10
+    """Optimizer updates between logged training metrics."""
+    max_updates: int = 0
+    """Stop after this many optimizer updates (0 = the full schedule); the schedule is unchanged."""
+
+
+@dataclass
+class EvalConfig:
+    every_epochs: int = 1
+    batch_size: int = 0
+    """Per-device eval batch; 0 uses ``batch.per_device``."""
+
+
+@dataclass
+class CheckpointConfig:
+    every_epochs: int = 1
+    keep_last: int = 2
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = True
+    project: str = "distrain"
+    progress: bool = True
+    """Rank-0 progress bar."""
+
+
+@dataclass
+class DistributedConfig:
+    backend: Literal["ddp"] = "ddp"
+    timeout_s: int = 1800
+    """Process-group timeout: a dead or stuck rank fails the job after this long instead of hanging."""
+
+
+@dataclass
+class Config:
+    """A whole run. Every field has a default that works; recipes change what they need."""
+
+    name: str = "run"
+    seed: int = 0
+    run_dir: str = ""
+    """Where outputs go; empty means ``runs/<name>``."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.run_dir or f"runs/{self.name}")
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise DistrainError(f"cannot read config {path}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise DistrainError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise DistrainError(f"{path}: a recipe must be a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """Read a YAML recipe and the chain of files it ``extends``, merged into one mapping.
+
+    Args:
+        path: The recipe file.
+
+    Returns:
+        The merged mapping (not yet validated).
+
+    Raises:
+        DistrainError: unreadable file, bad YAML, or an ``extends`` cycle.
+    """
+    path = Path(path).resolve()
+    if path in _seen:
+        raise DistrainError(f"{path}: 'extends' cycle through {' -> '.join(p.name for p in _seen)}")
+    data = _read_yaml(path)
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    bases = base if isinstance(base, list) else [base]
+    merged: dict = {}
+    for b in bases:
+        merged = _deep_merge(merged, load_recipe(path.parent / b, _seen + (path,)))
+    return _deep_merge(merged, data)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set ``a.b.c=value`` overrides on a recipe mapping (values parsed as YAML).
+
+    Raises:
+        DistrainError: an override without ``=`` or with an empty key.
+    """
+    data = _deep_merge({}, data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise DistrainError(f"override {item!r} is not of the form section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
+        node[parts[-1]] = value
+    return data
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` as type ``tp`` or raise naming ``key``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except DistrainError:
+                continue
+    elif origin is list:
+        if isinstance(value, list):
+            (inner,) = typing.get_args(tp)
+            return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return _build(tp, value, key + ".")
+    raise DistrainError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (valid: {', '.join(names)})"
+            raise DistrainError(f"unknown config key {prefix}{key}{hint}")
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    return cls(**kwargs)
+
+
+def _check_values(cfg: Config) -> None:
+    """Range checks that types alone cannot express; each names its key."""
+    positive = {
+        "batch.per_device": cfg.batch.per_device,
+        "batch.accumulation": cfg.batch.accumulation,
+        "optim.base_batch": cfg.optim.base_batch,
+        "schedule.epochs": cfg.schedule.epochs,
+        "data.train_crop": cfg.data.train_crop,
+        "data.eval_crop": cfg.data.eval_crop,
+        "data.eval_resize": cfg.data.eval_resize,
+        "data.shuffle_block": cfg.data.shuffle_block,
+        "train.log_every": cfg.train.log_every,
+        "eval.every_epochs": cfg.eval.every_epochs,
+        "checkpoint.every_epochs": cfg.checkpoint.every_epochs,
+        "checkpoint.keep_last": cfg.checkpoint.keep_last,
+        "distributed.timeout_s": cfg.distributed.timeout_s,
+        "data.prefetch": cfg.data.prefetch,
+    }
+    for key, v in positive.items():
+        if v <= 0:
+            raise DistrainError(f"{key}: must be > 0, got {v}")
+    non_negative = {
+        "optim.lr": cfg.optim.lr,
+        "optim.weight_decay": cfg.optim.weight_decay,
+        "schedule.warmup_epochs": cfg.schedule.warmup_epochs,
+        "data.workers": cfg.data.workers,
+        "data.num_classes": cfg.data.num_classes,
+        "data.train_samples": cfg.data.train_samples,
+        "train.max_updates": cfg.train.max_updates,
+        "eval.batch_size": cfg.eval.batch_size,
+    }
+    for key, v in non_negative.items():
+        if v < 0:
+            raise DistrainError(f"{key}: must be >= 0, got {v}")
+    if not 0.0 <= cfg.train.label_smoothing < 1.0:
+        raise DistrainError(f"train.label_smoothing: must be in [0, 1), got {cfg.train.label_smoothing}")
+    if cfg.train.clip_grad_norm is not None and cfg.train.clip_grad_norm <= 0:
+        raise DistrainError(f"train.clip_grad_norm: must be > 0 or null, got {cfg.train.clip_grad_norm}")
+    if cfg.schedule.warmup_epochs > cfg.schedule.epochs:
+        raise DistrainError(
+            f"schedule.warmup_epochs: {cfg.schedule.warmup_epochs} is longer than schedule.epochs {cfg.schedule.epochs}"
+        )
+    for key, pair in (("data.scale", cfg.data.scale), ("data.ratio", cfg.data.ratio)):
+        if len(pair) != 2 or not 0 < pair[0] <= pair[1]:
+            raise DistrainError(f"{key}: expected [low, high] with 0 < low <= high, got {pair}")
+    if cfg.data.scale[1] > 1:
+        raise DistrainError(f"data.scale: the upper bound is a fraction of the image area (<= 1), got {cfg.data.scale}")
+    for key, vec in (("data.mean", cfg.data.mean), ("data.std", cfg.data.std)):
+        if len(vec) != 3:
+            raise DistrainError(f"{key}: expected 3 values (RGB), got {vec}")
+    if min(cfg.data.std) <= 0:
+        raise DistrainError(f"data.std: every value must be > 0, got {cfg.data.std}")
+    if len(cfg.optim.betas) != 2:
+        raise DistrainError(f"optim.betas: expected [beta1, beta2], got {cfg.optim.betas}")
+    if cfg.data.eval_crop > cfg.data.eval_resize:
+        raise DistrainError(
+            f"data.eval_crop: {cfg.data.eval_crop} is larger than data.eval_resize {cfg.data.eval_resize}"
+        )
+    if cfg.optim.nesterov and cfg.optim.momentum <= 0:
+        raise DistrainError("optim.nesterov: needs optim.momentum > 0")
+    if sorted(cfg.schedule.milestones) != cfg.schedule.milestones:
+        raise DistrainError(f"schedule.milestones: must be increasing, got {cfg.schedule.milestones}")
+
+
+def from_dict(data: dict) -> Config:
+    """Validate a recipe mapping against the schema.
+
+    Raises:
+        DistrainError: naming the first unknown key, wrongly typed value or out-of-range value.
+    """
+    cfg = _build(Config, data)
+    _check_values(cfg)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load a recipe (with its ``extends`` chain), apply overrides and validate.
+
+    Args:
+        path: The YAML recipe.
+        overrides: ``section.key=value`` strings, applied in order after the recipe.
+
+    Returns:
+        The validated :class:`Config`.
+    """
+    return from_dict(apply_overrides(load_recipe(path), overrides or []))
+
+
+def to_dict(cfg: Config) -> dict:
+    """The config as plain data (what ``config.yaml`` and W&B receive)."""
+    return dataclasses.asdict(cfg)
+
+
+def dump(cfg: Config) -> str:
+    """The resolved config as YAML; :func:`from_dict` of its parse gives back an equal config."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

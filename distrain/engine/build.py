@@ -1,0 +1,100 @@
+"""Factories that turn a validated config into the run's parts (data, model, optimizer)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader
+
+from distrain.config import Config
+from distrain.data.index import ShardSet
+from distrain.data.shards import resolve_shards
+from distrain.data.stream import Augment, EvalResize, ShardStream, make_loader
+from distrain.errors import DistrainError
+from distrain.models import create_model
+from distrain.plan import BatchPlan
+
+
+@dataclass
+class DataSets:
+    """The resolved shard sets of a run and its number of classes."""
+
+    train: ShardSet
+    eval: ShardSet | None
+    num_classes: int
+
+
+def prepare_builtin(cfg: Config, accelerator: Accelerator) -> None:
+    """Write the built-in dataset named by ``data.prepare`` if its training shards are missing.
+
+    Rank 0 writes; the others wait for it.
+    """
+    if cfg.data.prepare is None or not isinstance(cfg.data.train, str) or Path(cfg.data.train).exists():
+        return
+    with accelerator.main_process_first():
+        if accelerator.is_main_process:
+            from distrain.data.writer import write_digits
+
+            write_digits(Path(cfg.data.train).parent, progress=cfg.logging.progress)
+
+
+def resolve_data(cfg: Config) -> DataSets:
+    """Resolve the shard specs and the number of classes.
+
+    Raises:
+        DistrainError: missing shards, or ``data.num_classes`` smaller than the index's classes.
+    """
+    train = resolve_shards(cfg.data.train)
+    evalset = resolve_shards(cfg.data.eval) if cfg.data.eval else None
+    num_classes = cfg.data.num_classes or len(train.classes)
+    if num_classes == 0:
+        raise DistrainError("data.num_classes: 0 and the shard index lists no classes; set it")
+    if cfg.data.num_classes and train.classes and cfg.data.num_classes < len(train.classes):
+        raise DistrainError(
+            f"data.num_classes: {cfg.data.num_classes} is less than the {len(train.classes)} classes in the index"
+        )
+    return DataSets(train, evalset, num_classes)
+
+
+def train_stream(cfg: Config, data: DataSets, plan: BatchPlan, accelerator: Accelerator) -> ShardStream:
+    """This rank's training stream, sized by the plan."""
+    d = cfg.data
+    return ShardStream(
+        data.train,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        batch_size=plan.per_device,
+        seed=cfg.seed,
+        augment=Augment(d.train_crop, tuple(d.scale), tuple(d.ratio), d.hflip),
+        batches_per_epoch=plan.micro_batches_per_epoch,
+        shuffle_block=d.shuffle_block,
+    )
+
+
+def eval_stream(cfg: Config, shards: ShardSet, rank: int, world_size: int) -> ShardStream:
+    """An eval stream over ``shards`` for ``rank`` of ``world_size``."""
+    return ShardStream(
+        shards,
+        rank=rank,
+        world_size=world_size,
+        batch_size=cfg.eval.batch_size or cfg.batch.per_device,
+        seed=cfg.seed,
+        eval_resize=EvalResize(cfg.data.eval_resize, cfg.data.eval_crop),
+    )
+
+
+def loader(cfg: Config, stream: ShardStream) -> DataLoader:
+    """A DataLoader over a stream with the configured workers; pinned memory on CUDA."""
+    return make_loader(stream, cfg.data.workers, cfg.data.prefetch, pin_memory=torch.cuda.is_available())
+
+
+def build_model(cfg: Config, num_classes: int) -> nn.Module:
+    """The model for ``cfg`` in the configured memory format (Accelerate compiles it if asked)."""
+    model = create_model(cfg.model.name, num_classes, cfg.model.norm)
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model

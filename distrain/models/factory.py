@@ -1,0 +1,56 @@
+"""Create a classification model by name."""
+
+from __future__ import annotations
+
+import difflib
+
+import torchvision
+from torch import nn
+
+from distrain.errors import DistrainError
+from distrain.models.cifar_resnet import CifarResNet
+
+# torchvision families whose builders pass norm_layer through to the network.
+_TAKES_NORM_LAYER = ("resnet", "resnext", "wide_resnet")
+_CIFAR_DEPTHS = {f"cifar_resnet{d}": d for d in (20, 32, 44, 56, 110)}
+
+
+def model_names() -> list[str]:
+    """Every name :func:`create_model` accepts."""
+    return sorted(_CIFAR_DEPTHS) + sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with 32 groups, or fewer for narrow layers (Wu & He 2018): batch-independent."""
+    return nn.GroupNorm(min(32, channels // 4) or 1, channels)
+
+
+_NORMS = {"batch": nn.BatchNorm2d, "group": group_norm}
+
+
+def create_model(name: str, num_classes: int, norm: str = "batch") -> nn.Module:
+    """A randomly initialised classifier.
+
+    Args:
+        name: A torchvision classification model (``resnet50``, ``vit_b_16``, ...) or a CIFAR ResNet
+            (``cifar_resnet20`` ... ``cifar_resnet110``).
+        num_classes: Size of the output layer.
+        norm: ``batch`` or ``group`` normalisation, for models that take a norm layer (CIFAR ResNets,
+            torchvision ResNets); others keep their own.
+
+    Raises:
+        DistrainError: unknown name (with the closest known names), or a norm the model cannot take.
+    """
+    norm_layer = _NORMS[norm]
+    if name in _CIFAR_DEPTHS:
+        return CifarResNet(_CIFAR_DEPTHS[name], num_classes, norm_layer)
+    if name in torchvision.models.list_models(module=torchvision.models):
+        builder = torchvision.models.get_model_builder(name)
+        kwargs = {}
+        if norm != "batch":
+            if not name.startswith(_TAKES_NORM_LAYER):
+                raise DistrainError(f"model.norm: {name} has no norm_layer option; use model.norm=batch")
+            kwargs["norm_layer"] = norm_layer
+        return builder(weights=None, num_classes=num_classes, **kwargs)
+    close = difflib.get_close_matches(name, model_names(), n=3)
+    raise DistrainError(f"model.name: unknown model {name!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))

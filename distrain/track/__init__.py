@@ -1,0 +1,1 @@
+"""Run outputs: metrics (JSONL, W&B), progress bar, checkpoints."""

@@ -1,0 +1,62 @@
+"""Metrics to ``metrics.jsonl`` and W&B, from rank 0 only.
+
+Each logged event is one JSON line ``{"step": update, "epoch": e, "train/loss": ...}`` and the
+same values go to W&B (through Accelerate's tracker, which only rank 0 opens) at the same step.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from distrain.config import Config, to_dict
+
+
+class MetricsLogger:
+    """Writes metric events; a no-op on ranks other than 0.
+
+    Args:
+        accelerator: The run's Accelerator (its tracker is W&B when enabled).
+        cfg: The resolved config (sent to W&B as the run config).
+        run_dir: The run directory (holds ``metrics.jsonl``, ``wandb/`` and the W&B run id).
+    """
+
+    def __init__(self, accelerator: Accelerator, cfg: Config, run_dir: Path):
+        self.accelerator = accelerator
+        self.is_main = accelerator.is_main_process
+        self.path = run_dir / "metrics.jsonl"
+        if cfg.logging.wandb:
+            accelerator.init_trackers(
+                cfg.logging.project,
+                config=to_dict(cfg),
+                init_kwargs={"wandb": {"dir": str(run_dir), "name": cfg.name, "id": _wandb_run_id(run_dir),
+                                       "resume": "allow"}},
+            )
+
+    def log(self, step: int, epoch: int, values: dict[str, float]) -> None:
+        """Record ``values`` at optimizer update ``step``."""
+        if not self.is_main:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, "epoch": epoch, **values}) + "\n")
+        self.accelerator.log(values, step=step)
+
+    def close(self) -> None:
+        self.accelerator.end_training()
+
+
+def _wandb_run_id(run_dir: Path) -> str:
+    """The W&B run id of this run dir, created once, so a resumed run continues the same W&B run."""
+    path = run_dir / "wandb_run_id"
+    if not path.exists():
+        path.write_text(secrets.token_hex(4) + "\n")
+    return path.read_text().strip()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """Every event of a run's ``metrics.jsonl``, in order."""
+    with (Path(run_dir) / "metrics.jsonl").open() as f:
+        return [json.loads(line) for line in f if line.strip()]
