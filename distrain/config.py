@@ -9,6 +9,7 @@ naming the key and, for a misspelt key, the closest valid one.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -220,7 +221,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     Raises:
         DistrainError: an override without ``=`` or with an empty key.
     """
-    data = _deep_merge({}, data)
+    data = copy.deepcopy(data)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
@@ -278,6 +279,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads 5e-4 (no dot) as a string; users mean the number.
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -358,6 +365,9 @@ def _check_values(cfg: Config) -> None:
         raise DistrainError(
             f"data.eval_crop: {cfg.data.eval_crop} is larger than data.eval_resize {cfg.data.eval_resize}"
         )
+    from distrain.models.factory import check_model_name
+
+    check_model_name(cfg.model.name)
     if cfg.optim.nesterov and cfg.optim.momentum <= 0:
         raise DistrainError("optim.nesterov: needs optim.momentum > 0")
     if sorted(cfg.schedule.milestones) != cfg.schedule.milestones:

@@ -20,6 +20,13 @@ def model_names() -> list[str]:
     return sorted(_CIFAR_DEPTHS) + sorted(torchvision.models.list_models(module=torchvision.models))
 
 
+def check_model_name(name: str) -> None:
+    """Raise DistrainError naming ``model.name`` (and the closest known names) for an unknown model."""
+    if name not in model_names():
+        close = difflib.get_close_matches(name, model_names(), n=3)
+        raise DistrainError(f"model.name: unknown model {name!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+
+
 def group_norm(channels: int) -> nn.GroupNorm:
     """GroupNorm with 32 groups, or fewer for narrow layers (Wu & He 2018): batch-independent."""
     return nn.GroupNorm(min(32, channels // 4) or 1, channels)
@@ -41,16 +48,13 @@ def create_model(name: str, num_classes: int, norm: str = "batch") -> nn.Module:
     Raises:
         DistrainError: unknown name (with the closest known names), or a norm the model cannot take.
     """
+    check_model_name(name)
     norm_layer = _NORMS[norm]
     if name in _CIFAR_DEPTHS:
         return CifarResNet(_CIFAR_DEPTHS[name], num_classes, norm_layer)
-    if name in torchvision.models.list_models(module=torchvision.models):
-        builder = torchvision.models.get_model_builder(name)
-        kwargs = {}
-        if norm != "batch":
-            if not name.startswith(_TAKES_NORM_LAYER):
-                raise DistrainError(f"model.norm: {name} has no norm_layer option; use model.norm=batch")
-            kwargs["norm_layer"] = norm_layer
-        return builder(weights=None, num_classes=num_classes, **kwargs)
-    close = difflib.get_close_matches(name, model_names(), n=3)
-    raise DistrainError(f"model.name: unknown model {name!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+    kwargs = {}
+    if norm != "batch":
+        if not name.startswith(_TAKES_NORM_LAYER):
+            raise DistrainError(f"model.norm: {name} has no norm_layer option; use model.norm=batch")
+        kwargs["norm_layer"] = norm_layer
+    return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
