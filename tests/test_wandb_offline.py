@@ -1,6 +1,8 @@
+"""The W&B offline reader used by the training tests, on a run logged through Accelerate."""
 
 import os
 import subprocess
+import sys
 import textwrap
 
 from wandb_offline import read_offline_runs
