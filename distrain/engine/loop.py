@@ -39,7 +39,8 @@ class _Window:
         self.reset()
 
     def reset(self) -> None:
-        self.loss_sum, self.micro_batches, self.updates, self.start = 0.0, 0, 0, time.perf_counter()
+        self.loss_sum: torch.Tensor | float = 0.0
+        self.micro_batches, self.updates, self.start = 0, 0, time.perf_counter()
 
     def elapsed(self) -> float:
         return max(time.perf_counter() - self.start, 1e-9)
@@ -111,7 +112,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
                 loss = criterion(model(images), labels)
                 accelerator.backward(loss)
                 state.batch_in_epoch += 1
-                window.loss_sum += loss.item()
+                window.loss_sum += loss.detach()  # stays on the device: no host sync per step
                 window.micro_batches += 1
                 if accelerator.sync_gradients:
                     log_now = (state.update + 1) % cfg.train.log_every == 0
@@ -181,7 +182,7 @@ def _train_metrics(
     accelerator: Accelerator, window: _Window, plan: BatchPlan, lr: float, grad_norm: torch.Tensor | None
 ) -> dict[str, float]:
     """Window metrics averaged over ranks (one all-reduce, at the same update on every rank)."""
-    mean_loss = torch.tensor(window.loss_sum / max(window.micro_batches, 1), device=accelerator.device)
+    mean_loss = (window.loss_sum / max(window.micro_batches, 1)).float()
     values = {
         "train/loss": accelerator.reduce(mean_loss, reduction="mean").item(),
         "train/lr": lr,

@@ -1,0 +1,115 @@
+"""Shard lists and who reads what.
+
+A shard spec (a shard-set directory, a tar path, a glob, a brace pattern, or a list of these)
+resolves to a :class:`ShardSet` whose counts come from each directory's ``index.json``. Each epoch
+the shards are put in a deterministic order for (seed, epoch), and the concatenated sample
+sequence is cut into contiguous ranges: one per rank, then one per DataLoader worker inside it.
+Cutting samples rather than dealing whole shards is what gives every rank exactly the same number
+of batches whatever the shard sizes, and lets any number of ranks x workers read any number of
+shards.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import braceexpand
+import numpy as np
+
+from distrain.data.index import INDEX_NAME, Shard, ShardSet, read_index
+from distrain.errors import DistrainError
+
+
+def _expand(spec: str | list[str]) -> list[str]:
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    paths: list[str] = []
+    for s in specs:
+        for pattern in braceexpand.braceexpand(s):
+            if os.path.isdir(pattern):
+                paths.append(pattern)
+            elif glob.has_magic(pattern):
+                found = sorted(glob.glob(pattern))
+                if not found:
+                    raise DistrainError(f"shard pattern {pattern!r} matches no files")
+                paths.extend(found)
+            elif os.path.exists(pattern):
+                paths.append(pattern)
+            else:
+                raise DistrainError(f"shard path {pattern!r} does not exist")
+    return paths
+
+
+def resolve_shards(spec: str | list[str]) -> ShardSet:
+    """Resolve a shard spec to its shards and sample counts, using the shard-set indexes.
+
+    Raises:
+        DistrainError: a missing path, an empty glob, a tar absent from its directory's index,
+            or shard sets with different class lists.
+    """
+    if not spec:
+        raise DistrainError("no shards given")
+    shards: list[Shard] = []
+    classes: tuple[str, ...] | None = None
+    indexes: dict[Path, dict] = {}
+    for path in _expand(spec):
+        directory = Path(path) if os.path.isdir(path) else Path(path).parent
+        if directory not in indexes:
+            indexes[directory] = read_index(directory)
+        doc = indexes[directory]
+        counts = {s["name"]: int(s["samples"]) for s in doc["shards"]}
+        if os.path.isdir(path):
+            names = [s["name"] for s in doc["shards"]]
+        else:
+            names = [os.path.basename(path)]
+            if names[0] not in counts:
+                raise DistrainError(f"{path}: not listed in {directory / INDEX_NAME}")
+        shards.extend(Shard(str(directory / n), counts[n]) for n in names)
+        these = tuple(doc.get("classes", ()))
+        if classes is not None and these != classes:
+            raise DistrainError(f"{directory / INDEX_NAME}: class list differs from the other shard sets")
+        classes = these
+    unique = {s.url: s for s in shards}
+    return ShardSet(tuple(sorted(unique.values(), key=lambda s: s.url)), classes or ())
+
+
+def shard_order(shardset: ShardSet, seed: int, epoch: int, shuffle: bool) -> list[Shard]:
+    """The shards in the order all ranks read them this epoch (a permutation for (seed, epoch))."""
+    shards = list(shardset.shards)
+    if shuffle:
+        perm = np.random.default_rng([seed, epoch]).permutation(len(shards))
+        shards = [shards[i] for i in perm]
+    return shards
+
+
+@dataclass(frozen=True)
+class Read:
+    """Read ``take`` samples of shard ``url`` after skipping its first ``skip``."""
+
+    url: str
+    skip: int
+    take: int
+
+
+def reads_for_range(shards: list[Shard], start: int, count: int) -> list[Read]:
+    """The shard reads covering samples [start, start + count) of the shards' concatenation."""
+    reads, offset = [], 0
+    end = start + count
+    for shard in shards:
+        lo, hi = max(start, offset), min(end, offset + shard.samples)
+        if lo < hi:
+            reads.append(Read(shard.url, lo - offset, hi - lo))
+        offset += shard.samples
+        if offset >= end:
+            break
+    return reads
+
+
+def split_evenly(n: int, parts: int, i: int) -> tuple[int, int]:
+    """[start, stop) of part ``i`` when ``n`` items are cut into ``parts`` contiguous parts whose
+    sizes differ by at most one (earlier parts larger)."""
+    q, r = divmod(n, parts)
+    start = i * q + min(i, r)
+    return start, start + q + (1 if i < r else 0)

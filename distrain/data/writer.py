@@ -1,0 +1,410 @@
+"""Writing shard sets: webdataset tars plus ``index.json`` (see :mod:`distrain.data.index`).
+
+Sources are scikit-learn's bundled digits (a real data set that needs no download), a
+class-per-folder image tree, or existing tars that only lack an index.
+
+Sample keys must never contain a dot: webdataset splits a member name into key and extension at
+the *first* dot of its base name, so ``a.b.png`` would be read as key ``a`` with field ``b.png``.
+Members of one sample must also be adjacent in the tar, because readers group consecutive members
+by key; :class:`webdataset.TarWriter` writes a sample's members together.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import re
+import sys
+import tarfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+from webdataset.tariterators import base_plus_ext
+
+from distrain.data.index import INDEX_NAME, write_index
+from distrain.errors import DistrainError
+
+_IMAGE_EXTS = ("jpg", "png")
+_FOLDER_SUFFIXES = {".jpg", ".jpeg", ".png"}
+# Files are stored under the format PIL finds in their bytes, not their name: a PNG saved as
+# ``x.jpg`` (ImageNet has some) would otherwise reach a JPEG-only decoder. MPO is how PIL reports
+# multi-picture JPEGs from cameras.
+_PIL_FORMAT_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png"}
+_SPLITS = ("train", "val", "test")
+_UNSAFE_KEY_CHARS = re.compile(r"[^\w-]")
+_TMP_SUFFIX = ".tmp"
+# A fixed member mtime makes the same samples give byte-identical tars.
+_MTIME = 0
+
+
+def write_shard_set(
+    samples: Iterable[tuple[str, bytes, str, int]],
+    out_dir: str | Path,
+    *,
+    classes: list[str],
+    prefix: str,
+    samples_per_shard: int,
+    overwrite: bool = False,
+    progress: bool = True,
+    total: int | None = None,
+) -> Path:
+    """Write samples as webdataset tars ``<prefix>-000000.tar``, ... plus their index.
+
+    Each sample becomes the members ``<key>.<ext>`` (the image bytes exactly as given) and
+    ``<key>.cls`` (the label in ASCII decimal). Each tar is written under a temporary name and
+    renamed once complete, and the index is written last, so an interrupted run never leaves a
+    shard set that looks complete.
+
+    Args:
+        samples: ``(key, image_bytes, ext, label)`` tuples in the order to store them. Keys must
+            be unique and contain no ``.`` or ``/``; ``ext`` is ``"jpg"`` or ``"png"``; ``label``
+            indexes ``classes``.
+        out_dir: The shard-set directory; created if missing.
+        classes: Class names; the label of ``classes[i]`` is ``i``.
+        prefix: File name prefix of the tars.
+        samples_per_shard: Samples per tar (the last one may hold fewer).
+        overwrite: Replace the tars and index already in ``out_dir`` instead of refusing.
+        progress: Show a progress bar on stderr.
+        total: The number of samples, for the progress bar only.
+
+    Returns:
+        ``out_dir``.
+
+    Raises:
+        DistrainError: ``out_dir`` is not an empty directory (and ``overwrite`` is off),
+            ``samples_per_shard`` is below 1, or there are no samples.
+        ValueError: A malformed sample (bad key, duplicate key, extension or label).
+    """
+    out_dir = Path(out_dir)
+    if samples_per_shard < 1:
+        raise DistrainError(f"samples per shard must be at least 1, got {samples_per_shard}")
+    _prepare_out_dir(out_dir, overwrite)
+
+    shards: list[tuple[str, int]] = []
+    seen: set[str] = set()
+    writer: _ShardFile | None = None
+    bar = _bar(total=total, desc=f"writing {prefix}", progress=progress)
+    try:
+        for key, data, ext, label in samples:
+            _check_sample(key, ext, label, len(classes), seen)
+            if writer is None:
+                writer = _ShardFile(out_dir / f"{prefix}-{len(shards):06d}.tar")
+            writer.write({"__key__": key, ext: data, "cls": str(label).encode("ascii")})
+            bar.update()
+            if writer.count == samples_per_shard:
+                shards.append(writer.finish())
+                writer = None
+        if writer is not None:
+            shards.append(writer.finish())
+            writer = None
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.abandon()
+    if not shards:
+        raise DistrainError(f"{out_dir}: no samples to write")
+    write_index(out_dir, shards, classes)
+    return out_dir
+
+
+class _ShardFile:
+    """One tar being written under a temporary name."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.tmp = path.with_name(path.name + _TMP_SUFFIX)
+        self.file = open(self.tmp, "wb")
+        # PAX because USTAR, TarWriter's documented default, caps member names at 100 bytes, which
+        # keys built from long file names exceed. webdataset 1.0.2 drops the argument and gets
+        # tarfile's default, PAX, anyway; naming it keeps PAX should webdataset start honouring it.
+        self.tar = wds.TarWriter(self.file, encoder=False, mtime=_MTIME, format="PAX_FORMAT")
+        self.count = 0
+
+    def write(self, sample: dict) -> None:
+        self.tar.write(sample)
+        self.count += 1
+
+    def finish(self) -> tuple[str, int]:
+        """Close the tar and give it its final name; returns (name, sample count)."""
+        self.tar.close()
+        self.file.close()
+        os.replace(self.tmp, self.path)
+        return self.path.name, self.count
+
+    def abandon(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _check_sample(key: str, ext: str, label: int, num_classes: int, seen: set[str]) -> None:
+    if not key or "." in key or "/" in key:
+        raise ValueError(f"sample key {key!r} must be non-empty and contain no '.' or '/'")
+    if key in seen:
+        raise ValueError(f"duplicate sample key {key!r}")
+    seen.add(key)
+    if ext not in _IMAGE_EXTS:
+        raise ValueError(f"sample {key!r}: image extension must be in {_IMAGE_EXTS}, got {ext!r}")
+    if not 0 <= label < num_classes:
+        raise ValueError(f"sample {key!r}: label {label} outside 0..{num_classes - 1}")
+
+
+def _refuse_non_empty(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise DistrainError(f"{out}: output path exists and is not a directory")
+    if not overwrite and out.is_dir() and any(out.iterdir()):
+        raise DistrainError(f"{out}: output directory is not empty (choose another, or overwrite)")
+
+
+def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    _refuse_non_empty(out_dir, overwrite)
+    if out_dir.is_dir():
+        # Only what a shard set consists of is removed, so a mistyped path cannot wipe other data;
+        # stale tars must go or they would mix into globs over the directory.
+        for pattern in ("*.tar", "*.tar" + _TMP_SUFFIX, INDEX_NAME):
+            for path in out_dir.glob(pattern):
+                path.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def write_digits(
+    out: str | Path,
+    *,
+    samples_per_shard: int = 256,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Path]:
+    """Write scikit-learn's digits (1797 real 8x8 scans of handwritten digits) as shard sets.
+
+    Each image is scaled from 0..16 to 0..255, upscaled to 32x32 (bilinear), converted to RGB
+    and stored as PNG, so the pixels are exactly reproducible. The stratified 80/20 train/test
+    split is fixed (``random_state=0``) so that every ``seed`` evaluates on the same test set.
+
+    Args:
+        out: Directory that receives ``train/`` (1437 samples) and ``test/`` (360 samples).
+        samples_per_shard: Samples per tar.
+        seed: Shuffles the training order before sharding.
+        overwrite: Replace existing shard sets in ``out``.
+        progress: Show progress bars on stderr.
+
+    Returns:
+        ``{"train": out/train, "test": out/test}``.
+
+    Raises:
+        DistrainError: ``out`` is not empty and ``overwrite`` is off.
+    """
+    # Imported here: scikit-learn is slow to import and only this converter needs it.
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    out = Path(out)
+    _refuse_non_empty(out, overwrite)
+    digits = load_digits()
+    indices = list(range(len(digits.target)))
+    train, test = train_test_split(indices, test_size=0.2, random_state=0, stratify=digits.target)
+    train = sorted(train)
+    random.Random(seed).shuffle(train)
+    classes = [str(d) for d in range(10)]
+
+    def samples(order: list[int]):
+        for i in order:
+            gray = Image.fromarray((digits.images[i] * (255 / 16)).round().astype("uint8"))
+            buf = io.BytesIO()
+            gray.resize((32, 32), Image.Resampling.BILINEAR).convert("RGB").save(buf, format="PNG")
+            yield f"digits-{i:06d}", buf.getvalue(), "png", int(digits.target[i])
+
+    return {
+        split: write_shard_set(
+            samples(order),
+            out / split,
+            classes=classes,
+            prefix=split,
+            samples_per_shard=samples_per_shard,
+            overwrite=overwrite,
+            progress=progress,
+            total=len(order),
+        )
+        for split, order in (("train", train), ("test", sorted(test)))
+    }
+
+
+def write_folder(
+    src: str | Path,
+    out: str | Path,
+    *,
+    samples_per_shard: int = 1000,
+    shuffle_seed: int | None = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Path]:
+    """Write a class-per-folder image tree as shard sets.
+
+    ``src`` is either split folders holding class folders (``src/train/cat/x.jpg``; any of
+    ``train``, ``val``, ``test``, each becoming ``out/<split>``; other folders are ignored) or
+    class folders directly (``src/cat/x.jpg``, becoming ``out/train``). The classes are the
+    sorted class-folder names of the first split (``train`` if present); the other splits may
+    lack some of them but must not add any. Images are the ``.jpg``, ``.jpeg`` and ``.png`` files
+    (any case) directly in a class folder; other files and names starting with ``.`` are skipped.
+    Every image is checked with PIL before anything is written, and is stored byte for byte under
+    the extension of the format PIL detects. Keys are ``<split>-<class>-<file stem>`` with every
+    character other than letters, digits, ``_`` and ``-`` replaced by ``_`` (dots would break
+    webdataset's key grouping), made unique with a ``_<n>`` suffix where needed.
+
+    Args:
+        src: The image tree.
+        out: Directory that receives one shard set per split.
+        samples_per_shard: Samples per tar.
+        shuffle_seed: Seed of the sample order within each split; ``None`` keeps the sorted
+            (class, file name) order, which puts each class in its own run of shards.
+        overwrite: Replace existing shard sets in ``out``.
+        progress: Show progress bars on stderr.
+
+    Returns:
+        Split name to shard-set directory.
+
+    Raises:
+        DistrainError: ``src`` is missing or has no class folders, a class folder has no images,
+            a split has a class folder the first split lacks, an image is unreadable or neither
+            JPEG nor PNG, or ``out`` is not empty and ``overwrite`` is off.
+    """
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise DistrainError(f"{src}: no such directory")
+    _refuse_non_empty(out, overwrite)
+    splits = {name: src / name for name in _SPLITS if _class_dirs(src / name)} or {"train": src}
+    first = next(iter(splits))
+    classes = [d.name for d in _class_dirs(splits[first])]
+    if not classes:
+        raise DistrainError(
+            f"{src}: no class folders (expected <class>/<image> or <split>/<class>/<image>)"
+        )
+
+    # Every split is scanned and checked before any is written, so a bad file costs no output.
+    listed = {split: _scan_split(split, root, classes, progress) for split, root in splits.items()}
+    result = {}
+    for split, items in listed.items():
+        if shuffle_seed is not None:
+            random.Random(shuffle_seed).shuffle(items)
+        result[split] = write_shard_set(
+            ((key, path.read_bytes(), ext, label) for key, path, ext, label in items),
+            out / split,
+            classes=classes,
+            prefix=split,
+            samples_per_shard=samples_per_shard,
+            overwrite=overwrite,
+            progress=progress,
+            total=len(items),
+        )
+    return result
+
+
+def _class_dirs(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _scan_split(
+    split: str, root: Path, classes: list[str], progress: bool
+) -> list[tuple[str, Path, str, int]]:
+    """List and check one split's images as (key, path, ext, label), in sorted order."""
+    files: list[tuple[Path, int]] = []
+    for class_dir in _class_dirs(root):
+        if class_dir.name not in classes:
+            raise DistrainError(f"{class_dir}: class folder not among the first split's classes")
+        images = sorted(
+            p
+            for p in class_dir.iterdir()
+            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in _FOLDER_SUFFIXES
+        )
+        if not images:
+            raise DistrainError(f"{class_dir}: class folder has no .jpg/.jpeg/.png images")
+        label = classes.index(class_dir.name)
+        files.extend((path, label) for path in images)
+
+    # Keys are assigned in sorted order, before any shuffle, so they do not depend on the seed.
+    items = []
+    used: set[str] = set()
+    for path, label in _bar(files, desc=f"checking {split}", progress=progress):
+        base = _UNSAFE_KEY_CHARS.sub("_", f"{split}-{classes[label]}-{path.stem}")
+        key, n = base, 1
+        while key in used:
+            n += 1
+            key = f"{base}_{n}"
+        used.add(key)
+        items.append((key, path, _image_ext(path), label))
+    return items
+
+
+def _image_ext(path: Path) -> str:
+    """The shard extension for an image file, after checking that PIL can read it."""
+    try:
+        with Image.open(path) as im:
+            fmt = im.format
+            im.verify()
+    except Exception as e:  # PIL raises many types for corrupt files; all mean the same here.
+        raise DistrainError(f"{path}: unreadable image ({_one_line(e)})") from None
+    if fmt not in _PIL_FORMAT_EXT:
+        raise DistrainError(f"{path}: {fmt} image, only JPEG and PNG are supported")
+    return _PIL_FORMAT_EXT[fmt]
+
+
+def _bar(
+    iterable: Iterable | None = None, *, total: int | None = None, desc: str, progress: bool
+) -> tqdm:
+    return tqdm(iterable, total=total, desc=desc, unit="img", file=sys.stderr, disable=not progress)
+
+
+def _one_line(e: Exception) -> str:
+    lines = str(e).splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def index_shards(directory: str | Path, *, classes: list[str] | None = None) -> Path:
+    """Write ``index.json`` for a directory of existing webdataset tars.
+
+    Counts the samples of each ``*.tar`` (in sorted name order) as the distinct keys that have a
+    ``.cls`` member, splitting member names into key and extension the way webdataset does.
+
+    Args:
+        directory: Directory holding the tars.
+        classes: Class names; defaults to ``"0"``, ``"1"``, ... up to the largest label found.
+
+    Returns:
+        The path of the index.
+
+    Raises:
+        DistrainError: No tars in ``directory``, an unreadable tar or ``.cls`` member, or a label
+            outside ``classes``.
+    """
+    directory = Path(directory)
+    tars = sorted(directory.glob("*.tar")) if directory.is_dir() else []
+    if not tars:
+        raise DistrainError(f"{directory}: no .tar shards to index")
+    shards = []
+    max_label = -1
+    for path in tars:
+        keys: set[str] = set()
+        try:
+            with tarfile.open(path, "r|*") as tar:
+                for member in tar:
+                    key, ext = base_plus_ext(member.name)
+                    if not member.isreg() or key is None or ext.lower() != "cls":
+                        continue
+                    label = int(tar.extractfile(member).read().decode("ascii").strip())
+                    keys.add(key)
+                    max_label = max(max_label, label)
+        except (tarfile.TarError, OSError, ValueError) as e:
+            raise DistrainError(f"{path}: unreadable shard ({_one_line(e)})") from None
+        shards.append((path.name, len(keys)))
+    if classes is None:
+        classes = [str(i) for i in range(max_label + 1)]
+    elif max_label >= len(classes):
+        raise DistrainError(
+            f"{directory}: label {max_label} found but only {len(classes)} classes given"
+        )
+    return write_index(directory, shards, classes)
