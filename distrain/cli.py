@@ -1,7 +1,8 @@
-"""The ``distrain`` command: train, eval, plan, data.
+"""The ``distrain`` command: train, eval, plan, data, plot.
 
-User mistakes (a :class:`DistrainError`) print one line ``distrain: error: ...`` and exit 2;
-everything else is a bug and keeps its traceback.
+User mistakes (a :class:`DistrainError`) print one line ``distrain: error: ...`` and a run that
+stops on purpose (:class:`RunStopped`) one line ``distrain: stopped: ...``, each with its exit code
+(see :mod:`distrain.errors`); everything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import argparse
 import json
 import sys
 
-from distrain.errors import DistrainError
+from distrain.errors import DistrainError, RunStopped
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -19,7 +20,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     from distrain.engine.loop import train
 
-    train(cfg, resume=args.resume)
+    train(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
     return 0
 
 
@@ -105,6 +106,21 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from distrain.track.plot import plot_run
+
+    print(plot_run(args.run_dir, args.out))
+    return 0
+
+
+def _one_line(error: DistrainError) -> str:
+    """The user's message; a DataLoader worker's error arrives wrapped with the worker traceback."""
+    lines = str(error).strip().splitlines()
+    if len(lines) > 1 and lines[-1].startswith("distrain.errors."):
+        return lines[-1].split(": ", 1)[-1]
+    return lines[0] if lines else type(error).__name__
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``distrain`` command."""
     p = argparse.ArgumentParser(prog="distrain", description="Distributed image-classification training.")
@@ -114,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="YAML recipe, e.g. configs/quickstart.yaml")
     t.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. batch.per_device=64")
     t.add_argument("--resume", metavar="auto|PATH", help="continue from the newest checkpoint of the run dir, or PATH")
+    t.add_argument("--allow-config-change", action="store_true",
+                   help="resume even if the model or batch maths differ from the checkpoint's (not exact)")
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on its eval shards (1 or N processes)")
@@ -144,20 +162,34 @@ def build_parser() -> argparse.ArgumentParser:
     ix = dsub.add_parser("index", help="write index.json for a directory of existing webdataset tars")
     ix.add_argument("dir")
     d.set_defaults(func=_cmd_data)
+
+    pt = sub.add_parser("plot", help="draw a run's loss, learning-rate and accuracy curves to a PNG")
+    pt.add_argument("run_dir", help="a run dir holding metrics.jsonl")
+    pt.add_argument("--out", help="PNG path (default RUN_DIR/curves.png)")
+    pt.set_defaults(func=_cmd_plot)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``distrain`` console script."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may come after options (`train R --resume auto a.b=1`), which argparse leaves over.
+    if extra:
+        if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides += extra
     if getattr(args, "samples_per_shard", 0) < 0:
         print("distrain: error: --samples-per-shard must be > 0", file=sys.stderr)
         return 2
     try:
         return args.func(args)
     except DistrainError as e:
-        print(f"distrain: error: {e}", file=sys.stderr)
-        return 2
+        print(f"distrain: error: {_one_line(e)}", file=sys.stderr)
+        return e.exit_code
+    except RunStopped as e:
+        print(f"distrain: stopped: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
     except KeyboardInterrupt:
         print("distrain: interrupted", file=sys.stderr)
         return 130

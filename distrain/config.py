@@ -53,6 +53,11 @@ class DataConfig:
     """Samples shuffled together inside each worker's stream (shards are always shuffled)."""
     prefetch: int = 2
     """Batches each worker prepares ahead."""
+    bad_samples: Literal["skip", "fail"] = "skip"
+    """Unreadable samples (corrupt image, truncated tar, no or out-of-range label): skip and count
+    them (each is replaced by a good sample of its batch), or stop the run at the first one."""
+    max_bad_fraction: float = 0.01
+    """Under ``skip``, stop once more than this fraction of the training samples seen were bad."""
 
 
 @dataclass
@@ -114,6 +119,11 @@ class TrainConfig:
     """Optimizer updates between logged training metrics."""
     max_updates: int = 0
     """Stop after this many optimizer updates (0 = the full schedule); the schedule is unchanged."""
+    nonfinite: Literal["skip", "stop"] = "skip"
+    """A non-finite loss or gradient norm: skip that update (and count it), or stop with a
+    checkpoint of the last good state."""
+    max_consecutive_skips: int = 20
+    """Under ``skip``, stop as under ``stop`` after this many non-finite updates in a row."""
 
 
 @dataclass
@@ -127,6 +137,8 @@ class EvalConfig:
 class CheckpointConfig:
     every_epochs: int = 1
     keep_last: int = 2
+    keep_best: bool = True
+    """Also keep the checkpoint with the best eval/top1."""
 
 
 @dataclass
@@ -135,6 +147,16 @@ class LoggingConfig:
     project: str = "distrain"
     progress: bool = True
     """Rank-0 progress bar."""
+
+
+@dataclass
+class PreemptionConfig:
+    """What SIGUSR1/SIGTERM (sent by SLURM before a time limit or preemption) do."""
+
+    check_every: int = 1
+    """Updates between the all-reduces that let every rank agree to stop at the same update."""
+    requeue: bool = False
+    """After the preemption checkpoint, run ``scontrol requeue $SLURM_JOB_ID`` (inside SLURM)."""
 
 
 @dataclass
@@ -150,6 +172,9 @@ class Config:
 
     name: str = "run"
     seed: int = 0
+    deterministic: bool = False
+    """Deterministic algorithms everywhere the platform has them (slower on GPU: no cuDNN autotuning,
+    deterministic kernels); data order and augmentation are deterministic regardless."""
     run_dir: str = ""
     """Where outputs go; empty means ``runs/<name>``."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -161,6 +186,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     @property
@@ -324,6 +350,8 @@ def _check_values(cfg: Config) -> None:
         "checkpoint.keep_last": cfg.checkpoint.keep_last,
         "distributed.timeout_s": cfg.distributed.timeout_s,
         "data.prefetch": cfg.data.prefetch,
+        "train.max_consecutive_skips": cfg.train.max_consecutive_skips,
+        "preemption.check_every": cfg.preemption.check_every,
     }
     for key, v in positive.items():
         if v <= 0:
@@ -341,6 +369,8 @@ def _check_values(cfg: Config) -> None:
     for key, v in non_negative.items():
         if v < 0:
             raise DistrainError(f"{key}: must be >= 0, got {v}")
+    if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
+        raise DistrainError(f"data.max_bad_fraction: must be in [0, 1], got {cfg.data.max_bad_fraction}")
     if not 0.0 <= cfg.train.label_smoothing < 1.0:
         raise DistrainError(f"train.label_smoothing: must be in [0, 1), got {cfg.train.label_smoothing}")
     if cfg.train.clip_grad_norm is not None and cfg.train.clip_grad_norm <= 0:

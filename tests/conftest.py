@@ -49,6 +49,42 @@ def distrain(args: list[str], cwd: Path, nproc: int = 1, timeout: int = 600) -> 
     return subprocess.run(cmd, cwd=cwd, env=run_env(cwd), capture_output=True, text=True, timeout=timeout)
 
 
+def spawn_ranks(args: list[str], cwd: Path, nproc: int = 2, env: dict | None = None) -> list[subprocess.Popen]:
+    """Start ``nproc`` ranks of ``distrain ARGS`` without a launcher, so a test can signal or kill
+    one rank and see what the others do on their own (as after a node failure)."""
+    port = free_port()
+    procs = []
+    for rank in range(nproc):
+        rank_env = {**run_env(cwd), **(env or {}), "RANK": str(rank), "LOCAL_RANK": str(rank),
+                    "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
+                    "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([PYTHON, "-m", "distrain", *args], cwd=cwd, env=rank_env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
+    """Poll ``predicate`` until it returns a truthy value; fail the test after ``timeout`` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def logged_steps(run_dir: Path) -> int:
+    """The highest update logged in ``run_dir/metrics.jsonl`` so far (0 if none)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.endswith("}")]
+    return max(steps, default=0)
+
+
 def checked(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
     return proc
@@ -62,8 +98,11 @@ def image_bytes(value: int, size: int = 16, fmt: str = "PNG") -> bytes:
     return buf.getvalue()
 
 
-def write_layout(out: Path, counts: list[int], num_classes: int = 4) -> Path:
-    """A shard set with ``counts[i]`` samples in shard i; sample n has key ``s{n:05d}``, label n % classes."""
+def write_layout(out: Path, counts: list[int], num_classes: int = 4, corrupt: frozenset[int] = frozenset()) -> Path:
+    """A shard set with ``counts[i]`` samples in shard i; sample n has key ``s{n:05d}``, label n % classes.
+
+    Samples whose number is in ``corrupt`` get bytes no decoder can read.
+    """
     import webdataset as wds
 
     from distrain.data.index import write_index
@@ -73,7 +112,8 @@ def write_layout(out: Path, counts: list[int], num_classes: int = 4) -> Path:
     for i, c in enumerate(counts):
         with wds.TarWriter(str(out / f"shard-{i:02d}.tar")) as tw:
             for j in range(n, n + c):
-                tw.write({"__key__": f"s{j:05d}", "png": image_bytes(j), "cls": str(j % num_classes).encode()})
+                data = b"\x89PNG garbage" if j in corrupt else image_bytes(j)
+                tw.write({"__key__": f"s{j:05d}", "png": data, "cls": str(j % num_classes).encode()})
         n += c
     write_index(out, [(f"shard-{i:02d}.tar", c) for i, c in enumerate(counts)], [str(k) for k in range(num_classes)])
     return out

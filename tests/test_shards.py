@@ -16,7 +16,7 @@ AUG = Augment(size=8, scale=(0.5, 1.0), ratio=(0.75, 1.33), hflip=True)
 
 
 def train_stream(shards, rank, world, batch, batches, seed=0):
-    return ShardStream(shards, rank=rank, world_size=world, batch_size=batch, seed=seed, augment=AUG,
+    return ShardStream(shards, rank=rank, world_size=world, batch_size=batch, seed=seed, num_classes=4, augment=AUG,
                        batches_per_epoch=batches, shuffle_block=6)
 
 
@@ -109,7 +109,8 @@ def test_skip_resumes_the_same_sequence(uneven, workers):
 def test_eval_counts_every_sample_exactly_once(uneven, world):
     seen, batch_counts = Counter(), set()
     for rank in range(world):
-        s = ShardStream(uneven, rank=rank, world_size=world, batch_size=5, seed=0, eval_resize=EvalResize(16, 16))
+        s = ShardStream(uneven, rank=rank, world_size=world, batch_size=5, seed=0, num_classes=4,
+                        eval_resize=EvalResize(16, 16))
         batches = list(DataLoader(s, batch_size=None, num_workers=2))
         batch_counts.add(len(batches))
         for b in batches:

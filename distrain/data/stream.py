@@ -4,12 +4,14 @@ The pipeline, run inside each DataLoader worker::
 
     shard order for (seed, epoch)            -> every rank computes the same list
     cut into rank range, then worker range   -> contiguous samples; equal batches per rank
-    tar members grouped by key               -> (key, encoded image, label); skipped samples
-                                                are read past, never decoded
+    tar members grouped by key               -> one record per sample position: (key, encoded
+                                                image, label), or why the position is bad;
+                                                skipped samples are read past, never decoded
     block shuffle (training)                 -> deterministic permutation per block
     decode + crop + flip                     -> uint8 CHW tensors at the target resolution
     stack into a batch                       -> {"image": uint8 (B,3,H,W), "label": int64 (B,),
-                                                 "key": [str]}
+                                                 "key": [str], "bad": [BadSample]}; a bad
+                                                position holds a stand-in sample
 
 Workers are dealt batches round-robin by the DataLoader, so worker ``w`` produces the rank's
 batches ``w, w + n, w + 2n, ...``; it reads a contiguous range of samples for them. The order is
@@ -18,15 +20,32 @@ exactly the batches ``k, k + 1, ...`` of the uninterrupted one without decoding 
 are padded to the same number of batches on every rank with label ``-1`` samples (zeros, never
 decoded) that metrics ignore, so every test sample is counted exactly once and every rank runs
 the same number of forward passes.
+
+Bad data never raises and never changes the number or shape of batches, since a rank that
+yields one batch fewer hangs the others in their next collective. A truncated or unreadable tar,
+a shard with fewer samples than its index says, a sample without image or ``.cls`` label, a label
+outside ``[0, num_classes)`` and an image that does not decode each make their sample positions
+bad ones, listed in the batch's ``"bad"`` as (shard url, sample key or "", reason) so that the
+training loop applies its policy (skip and count, or fail) on all ranks alike. A bad eval
+position becomes a label ``-1`` padding sample, so metrics exclude it. A bad training position
+holds a copy of a good sample of its batch (cycling through them), or of the worker's last good
+sample when the whole batch is bad, or zeros with label ``-1`` when the worker has produced no
+good sample yet: a training batch with label ``-1`` is entirely bad. Such all-bad batches are the
+one place where a resumed stream can differ from the uninterrupted one, which had an earlier good
+sample to copy.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import random
-from collections.abc import Iterator
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from itertools import islice
+from itertools import cycle, islice
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -61,28 +80,78 @@ class EvalResize:
     crop: int
 
 
-def read_samples(reads: list[Read]) -> Iterator[tuple[str, bytes, int]]:
-    """(key, encoded image, label) for each sample the reads cover, in order.
+class BadSample(NamedTuple):
+    """A sample position of a batch that holds no usable sample.
 
-    Raises:
-        DistrainError: a shard holds fewer samples than its index says, or a sample lacks an
-            image or a label (naming the shard and key).
+    A named tuple rather than a plain one because the DataLoader's conversion turns plain tuples
+    into lists and keeps named tuples.
+    """
+
+    url: str
+    key: str
+    reason: str
+
+
+class Sample(NamedTuple):
+    """One sample position read from a shard; ``bad`` says why it is unusable, "" when it is not."""
+
+    url: str
+    key: str
+    data: bytes
+    label: int
+    bad: str = ""
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
+def _checked(url: str, sample: dict, num_classes: int) -> Sample:
+    """The sample a tar's grouped files make, marked bad if they lack an image or a usable label."""
+    key = sample["__key__"]
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        return Sample(url, key, b"", PAD_LABEL, "no image")
+    if "cls" not in sample:
+        return Sample(url, key, b"", PAD_LABEL, "no .cls label")
+    try:
+        label = int(sample["cls"])
+    except ValueError:
+        return Sample(url, key, b"", PAD_LABEL, f"unparsable .cls label {sample['cls'][:20]!r}")
+    if not 0 <= label < num_classes:
+        return Sample(url, key, b"", PAD_LABEL, f"label {label} out of range [0, {num_classes})")
+    return Sample(url, key, sample[ext], label)
+
+
+def read_samples(reads: list[Read], num_classes: int) -> Iterator[Sample]:
+    """One :class:`Sample` for each sample position the reads cover, in order, bad ones included.
+
+    Exactly ``take`` records come out of each read whatever the shard holds, so that the batches
+    built from them keep their number and size. Samples lacking an image or a label, or with a
+    label outside ``[0, num_classes)``, are marked bad; so is every position past the point where
+    a shard stops: an unreadable or truncated tar (whose error is caught) or one that ends early.
     """
     for r in reads:
-        stream = gopen(r.url)
+        seen, n = 0, 0
         try:
-            files = ({**f, "__url__": r.url} for f in tar_file_iterator(stream))
-            n = 0
-            for sample in islice(group_by_keys(files), r.skip, r.skip + r.take):
-                ext = next((e for e in IMAGE_EXTS if e in sample), None)
-                if ext is None or "cls" not in sample:
-                    raise DistrainError(f"{r.url}: sample {sample['__key__']!r} has no image or no .cls label")
-                yield sample["__key__"], sample[ext], int(sample["cls"])
-                n += 1
-        finally:
-            stream.close()
-        if n < r.take:
-            raise DistrainError(f"{r.url}: holds fewer samples than its index says ({r.skip + n} < {r.skip + r.take})")
+            stream = gopen(r.url)
+            try:
+                files = ({**f, "__url__": r.url} for f in tar_file_iterator(stream))
+                for sample in group_by_keys(files):
+                    seen += 1
+                    if seen <= r.skip:
+                        continue
+                    yield _checked(r.url, sample, num_classes)
+                    n += 1
+                    if n == r.take:
+                        break
+            finally:
+                stream.close()
+        except Exception as exc:  # any failure to read a tar is bad data, never a crash of the rank
+            why = f"unreadable tar after {seen} samples: {_first_line(exc)}"
+        else:
+            why = f"shard ends after {seen} samples, fewer than its index says"
+        yield from [Sample(r.url, "", b"", PAD_LABEL, why)] * (r.take - n)
 
 
 def block_shuffle(items: Iterator, block: int, seed_words: list[int], start: int = 0) -> Iterator:
@@ -107,6 +176,24 @@ def _batch_seed(*words: int) -> int:
     return int(np.random.SeedSequence(list(words)).generate_state(1)[0])
 
 
+def _decode(
+    chunk: list[Sample], decode: Callable[[bytes], torch.Tensor]
+) -> tuple[list[torch.Tensor | None], list[BadSample]]:
+    """The decoded image of each position (None where bad) and the bad positions' reports."""
+    images, bad = [], []
+    for s in chunk:
+        why = s.bad
+        if not why:
+            try:
+                images.append(decode(s.data))
+                continue
+            except Exception as exc:  # PIL raises many types for corrupt files; none may escape a worker
+                why = f"undecodable image: {_first_line(exc)}"
+        images.append(None)
+        bad.append(BadSample(s.url, s.key, why))
+    return images, bad
+
+
 class ShardStream(IterableDataset):
     """One rank's view of a shard set for one epoch at a time.
 
@@ -116,6 +203,7 @@ class ShardStream(IterableDataset):
         world_size: Number of ranks.
         batch_size: Samples per batch (per device).
         seed: Run seed (shard order, block shuffle and augmentation derive from it).
+        num_classes: Labels outside ``[0, num_classes)`` make their sample bad.
         augment: Training augmentation; ``None`` makes this an eval stream (fixed order, padded).
         eval_resize: Eval preprocessing (required when ``augment`` is None).
         batches_per_epoch: Training only: batches each rank yields per epoch (from the plan).
@@ -130,6 +218,7 @@ class ShardStream(IterableDataset):
         world_size: int,
         batch_size: int,
         seed: int,
+        num_classes: int,
         augment: Augment | None = None,
         eval_resize: EvalResize | None = None,
         batches_per_epoch: int = 0,
@@ -137,7 +226,7 @@ class ShardStream(IterableDataset):
     ):
         super().__init__()
         self.shards, self.rank, self.world_size = shards, rank, world_size
-        self.batch_size, self.seed = batch_size, seed
+        self.batch_size, self.seed, self.num_classes = batch_size, seed, num_classes
         self.augment, self.eval_resize, self.shuffle_block = augment, eval_resize, shuffle_block
         if augment is None:
             per_rank = math.ceil(shards.total / world_size)
@@ -176,41 +265,74 @@ class ShardStream(IterableDataset):
         order = shard_order(self.shards, self.seed, self.epoch, shuffle=True)
         start = (self.rank * self.batches_per_epoch + b0) * self.batch_size
         count = (b1 - b0) * self.batch_size
-        samples = read_samples(reads_for_range(order, start, count))
+        samples = read_samples(reads_for_range(order, start, count), self.num_classes)
         samples = block_shuffle(samples, self.shuffle_block, [self.seed, self.epoch, start], done * self.batch_size)
         a = self.augment
+        last_good = (torch.zeros(3, a.size, a.size, dtype=torch.uint8), PAD_LABEL, "")
         for j in range(done, b1 - b0):
             chunk = list(islice(samples, self.batch_size))
             rng = random.Random(_batch_seed(self.seed, self.epoch, self.rank, worker, j))
-            images = [train_sample(data, a.size, a.scale, a.ratio, a.hflip, rng) for _, data, _ in chunk]
-            yield _collate(chunk, images)
+            images, bad = _decode(chunk, lambda data: train_sample(data, a.size, a.scale, a.ratio, a.hflip, rng))
+            labels, keys = [s.label for s in chunk], [s.key for s in chunk]
+            good = [(im, labels[i], keys[i]) for i, im in enumerate(images) if im is not None]
+            if good:
+                last_good = good[-1]
+            fill = cycle(good or [last_good])
+            for i, im in enumerate(images):
+                if im is None:
+                    images[i], labels[i], keys[i] = next(fill)
+            yield _collate(images, labels, keys, bad)
 
     def _eval_batches(self, b0: int, b1: int, done: int) -> Iterator[dict]:
         r0, r1 = split_evenly(self.shards.total, self.world_size, self.rank)
         real = r1 - r0
         lo, hi = min((b0 + done) * self.batch_size, real), min(b1 * self.batch_size, real)
-        samples = read_samples(reads_for_range(list(self.shards.shards), r0 + lo, hi - lo))
+        samples = read_samples(reads_for_range(list(self.shards.shards), r0 + lo, hi - lo), self.num_classes)
         e, bs = self.eval_resize, self.batch_size
+        pad = (torch.zeros(3, e.crop, e.crop, dtype=torch.uint8), PAD_LABEL, "")
         for _ in range(b0 + done, b1):
             chunk = list(islice(samples, bs))
-            images = [eval_sample(data, e.resize, e.crop) for _, data, _ in chunk]
-            pad = bs - len(chunk)
-            if pad:
-                images += [torch.zeros(3, e.crop, e.crop, dtype=torch.uint8)] * pad
-                chunk += [("", b"", PAD_LABEL)] * pad
-            yield _collate(chunk, images)
+            images, bad = _decode(chunk, lambda data: eval_sample(data, e.resize, e.crop))
+            rows = [pad if im is None else (im, s.label, s.key) for im, s in zip(images, chunk)]
+            rows += [pad] * (bs - len(chunk))
+            yield _collate(*zip(*rows), bad)
 
 
-def _collate(chunk: list[tuple[str, bytes, int]], images: list[torch.Tensor]) -> dict:
+def _collate(images: list[torch.Tensor], labels: list[int], keys: list[str], bad: list[BadSample]) -> dict:
     return {
         "image": torch.stack(images),
-        "label": torch.tensor([label for _, _, label in chunk], dtype=torch.int64),
-        "key": [key for key, _, _ in chunk],
+        "label": torch.tensor(labels, dtype=torch.int64),
+        "key": list(keys),
+        "bad": bad,
     }
 
 
+def _ignore_job_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: the worker ignores SIGUSR1, and SIGTERM unless its parent sends it.
+
+    SLURM sends these signals to every process of the job step; the training process handles
+    them (preemption), whereas a worker they kill would crash its rank. A SIGTERM from the parent
+    is the loader's or multiprocessing's shutdown (an exiting process terminates its daemonic
+    workers, then joins them), so it still ends the worker, as torch's own worker handler does:
+    ignoring it would hang the parent at exit. SIGTERM stays blocked and a thread takes it with
+    ``sigwaitinfo`` (Linux), which names the sender.
+    """
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_exit_on_parent_sigterm, name="sigterm", daemon=True).start()
+
+
+def _exit_on_parent_sigterm() -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == os.getppid():
+            os._exit(0)  # status 0, as torch's handler: the parent reports a nonzero exit as a crash
+
+
 def make_loader(stream: ShardStream, workers: int, prefetch: int, pin_memory: bool) -> DataLoader:
-    """A DataLoader over already-batched stream output (batching happens in the workers)."""
+    """A DataLoader over already-batched stream output (batching happens in the workers).
+
+    Its workers ignore the job signals that SLURM sends to every process (see ``_ignore_job_signals``).
+    """
     return DataLoader(
         stream,
         batch_size=None,
@@ -218,4 +340,5 @@ def make_loader(stream: ShardStream, workers: int, prefetch: int, pin_memory: bo
         prefetch_factor=prefetch if workers else None,
         pin_memory=pin_memory,
         persistent_workers=False,
+        worker_init_fn=_ignore_job_signals,
     )

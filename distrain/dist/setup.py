@@ -49,6 +49,11 @@ def build_accelerator(cfg: Config) -> Accelerator:
         DistrainError: the launcher announced WORLD_SIZE ranks but the process group has fewer.
     """
     on_gpu = torch.cuda.is_available()
+    if cfg.deterministic:
+        # cuBLAS reads this once, when CUDA initialises; deterministic GEMMs need it.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # cuDNN autotuning picks the fastest kernels per shape, which may differ from run to run.
+    torch.backends.cudnn.benchmark = on_gpu and not cfg.deterministic
     if cfg.logging.wandb:
         default_wandb_mode()
     accelerator = Accelerator(
@@ -91,3 +96,14 @@ def replica_fingerprints(model: torch.nn.Module, accelerator: Accelerator) -> li
     local = torch.stack([sum(p.sum() for p in params), sum((p * p).sum() for p in params)])
     gathered = accelerator.gather(local.to(accelerator.device).unsqueeze(0))
     return gathered.cpu().tolist()
+
+
+def shutdown(accelerator: Accelerator) -> None:
+    """Finish the trackers and destroy the process group, after dropping the prepared objects.
+
+    A DDP model keeps its process group alive after ``destroy_process_group``; if it is only
+    collected during interpreter shutdown, gloo's threads abort the process (SIGABRT, "terminate
+    called without an active exception"). Callers must drop their own references first.
+    """
+    accelerator.free_memory()
+    accelerator.end_training()

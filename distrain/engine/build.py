@@ -69,13 +69,14 @@ def train_stream(cfg: Config, data: DataSets, plan: BatchPlan, accelerator: Acce
         world_size=accelerator.num_processes,
         batch_size=plan.per_device,
         seed=cfg.seed,
+        num_classes=data.num_classes,
         augment=Augment(d.train_crop, tuple(d.scale), tuple(d.ratio), d.hflip),
         batches_per_epoch=plan.micro_batches_per_epoch,
         shuffle_block=d.shuffle_block,
     )
 
 
-def eval_stream(cfg: Config, shards: ShardSet, rank: int, world_size: int) -> ShardStream:
+def eval_stream(cfg: Config, shards: ShardSet, rank: int, world_size: int, num_classes: int) -> ShardStream:
     """An eval stream over ``shards`` for ``rank`` of ``world_size``."""
     return ShardStream(
         shards,
@@ -83,6 +84,7 @@ def eval_stream(cfg: Config, shards: ShardSet, rank: int, world_size: int) -> Sh
         world_size=world_size,
         batch_size=cfg.eval.batch_size or cfg.batch.per_device,
         seed=cfg.seed,
+        num_classes=num_classes,
         eval_resize=EvalResize(cfg.data.eval_resize, cfg.data.eval_crop),
     )
 

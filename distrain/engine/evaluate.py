@@ -39,16 +39,26 @@ def evaluate(
     """Eval metrics of ``model`` over the whole eval set, identical on every rank.
 
     Returns:
-        ``eval/loss``, ``eval/top1``, ``eval/top5`` (percent) and ``eval/samples``.
+        ``eval/loss``, ``eval/top1``, ``eval/top5`` (percent), ``eval/samples`` (counted) and
+        ``eval/skipped`` (unreadable samples left out).
     """
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, device=accelerator.device)
+    skipped = 0
     for batch in loader:
         images, labels = to_device(batch)
         sums += batch_sums(model(images), labels)
+        skipped += len(batch["bad"])
+    sums = torch.cat([sums, torch.tensor([float(skipped)], device=sums.device)])
     sums = accelerator.reduce(sums, reduction="sum")
     model.train(was_training)
-    loss, top1, top5, n = sums.tolist()
+    loss, top1, top5, n, skipped = sums.tolist()
     n = max(n, 1.0)
-    return {"eval/loss": loss / n, "eval/top1": 100 * top1 / n, "eval/top5": 100 * top5 / n, "eval/samples": int(n)}
+    return {
+        "eval/loss": loss / n,
+        "eval/top1": 100 * top1 / n,
+        "eval/top5": 100 * top5 / n,
+        "eval/samples": int(n),
+        "eval/skipped": int(skipped),
+    }

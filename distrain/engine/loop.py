@@ -4,30 +4,48 @@ Vocabulary: a *micro-batch* is what one device runs forward/backward on; an *upd
 optimizer step, made every ``batch.accumulation`` micro-batches with gradients averaged over all
 ranks; every schedule (LR, logging, checkpoints) counts updates. The batch maths come from
 :mod:`distrain.plan` and nowhere else.
+
+Faults end a run through exceptions that every rank raises at the same update (see
+:mod:`distrain.errors` for their exit codes): a preemption signal, too many bad samples, a
+non-finite gradient under the ``stop`` policy, or a lost peer.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import pickle
 import sys
 import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from torch import nn
 
 from distrain.config import Config, dump, to_dict
 from distrain.data.device import ToDevice
+from distrain.data.stream import PAD_LABEL
 from distrain.dist import build_accelerator
-from distrain.dist.setup import replica_fingerprints
+from distrain.dist.setup import replica_fingerprints, shutdown
+from distrain.dist.signals import StopSignals, agree, is_peer_failure, requeue_slurm_job
 from distrain.engine.build import build_model, eval_stream, loader, prepare_builtin, resolve_data, train_stream
 from distrain.engine.evaluate import evaluate
+from distrain.errors import BadDataError, DistrainError, NonFiniteStop, PeerLost, Preempted
 from distrain.optim import create_optimizer, lr_at
 from distrain.plan import BatchPlan, make_plan
-from distrain.track.checkpoint import TrainerState, load_trainer_state, resolve_resume, save_checkpoint
+from distrain.track.checkpoint import (
+    TrainerState,
+    best_checkpoint,
+    checkpoint_dirs,
+    load_trainer_state,
+    rescale_position,
+    resolve_resume,
+    resume_differences,
+    save_checkpoint,
+)
 from distrain.track.metrics import MetricsLogger
 from distrain.track.progress import Progress
 
@@ -60,19 +78,57 @@ def _start_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
     return run_dir
 
 
-def train(cfg: Config, resume: str | None = None) -> dict:
+def _injected_nan_updates(rank: int) -> set[int]:
+    """Updates (1-based) whose loss this rank makes NaN: fault injection for tests and drills.
+
+    ``DISTRAIN_INJECT_NAN="5,9"`` poisons updates 5 and 9 on every rank, ``"5@1"`` on rank 1 only.
+    """
+    chosen = set()
+    for item in filter(None, os.environ.get("DISTRAIN_INJECT_NAN", "").split(",")):
+        update, _, only_rank = item.partition("@")
+        if not only_rank or int(only_rank) == rank:
+            chosen.add(int(update))
+    return chosen
+
+
+def train(cfg: Config, resume: str | None = None, allow_config_change: bool = False) -> dict:
     """Run the training described by ``cfg``; every rank calls this.
 
     Args:
         cfg: The validated config.
         resume: ``"auto"`` (newest checkpoint of the run dir, if any) or a checkpoint path.
+        allow_config_change: Resume even if the model or batch maths differ from the checkpoint's.
 
     Returns:
         The final summary: run dir, updates, epochs, the last eval metrics.
+
+    Raises:
+        Preempted, NonFiniteStop, BadDataError, PeerLost: the run stopped early (see their exit codes).
     """
     accelerator = build_accelerator(cfg)
+    signals = StopSignals().install()
+    try:
+        summary = _train(cfg, accelerator, signals, resume, allow_config_change)
+    except Exception as error:
+        if accelerator.num_processes > 1 and is_peer_failure(error):
+            newest = checkpoint_dirs(cfg.out_dir)
+            raise PeerLost(
+                f"rank {accelerator.process_index}: lost contact with another rank, which died or hung past "
+                f"distributed.timeout_s={cfg.distributed.timeout_s}s ({str(error).splitlines()[0][:200]}); "
+                f"newest checkpoint: {newest[-1] if newest else 'none'}; continue with --resume auto"
+            ) from None
+        raise
+    finally:
+        signals.restore()
+        shutdown(accelerator)
+    if accelerator.is_main_process:
+        print(_summary_line(summary), flush=True)  # last, after W&B's own closing lines
+    return summary
+
+
+def _train(cfg: Config, accelerator: Accelerator, signals: StopSignals, resume: str | None, allow: bool) -> dict:
     run_dir = _start_run_dir(cfg, accelerator)
-    set_seed(cfg.seed)
+    set_seed(cfg.seed, deterministic=cfg.deterministic)
     prepare_builtin(cfg, accelerator)
     data = resolve_data(cfg)
     plan = make_plan(cfg, accelerator.num_processes, data.train.total)
@@ -80,19 +136,20 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     model = build_model(cfg, data.num_classes)
     optimizer = create_optimizer(model, cfg.optim, lr_at(0, plan, cfg.schedule))
     model, optimizer = accelerator.prepare(model, optimizer)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+    # Label -1 marks a training batch the stream could not fill with any readable sample.
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing, ignore_index=PAD_LABEL)
     to_device = ToDevice(cfg.data.mean, cfg.data.std, accelerator.device, cfg.model.channels_last)
 
-    state = TrainerState(config=to_dict(cfg))
+    state = TrainerState(config=to_dict(cfg), plan=plan.as_dict())
     checkpoint = resolve_resume(resume, run_dir) if resume else None
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        state = load_trainer_state(checkpoint)
+        state = _resume(accelerator, checkpoint, state, allow)
 
     stream = train_stream(cfg, data, plan, accelerator)
     eval_loader = None
     if data.eval is not None:
-        eval_loader = loader(cfg, eval_stream(cfg, data.eval, accelerator.process_index, accelerator.num_processes))
+        rank, world = accelerator.process_index, accelerator.num_processes
+        eval_loader = loader(cfg, eval_stream(cfg, data.eval, rank, world, data.num_classes))
     logger = MetricsLogger(accelerator, cfg, run_dir)
     last_update = min(plan.total_updates, cfg.train.max_updates or plan.total_updates)
     progress = Progress(last_update, state.update, enabled=accelerator.is_main_process and cfg.logging.progress)
@@ -103,70 +160,107 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     eval_metrics: dict[str, float] = {}
     evaluated_at = saved_at = -1
     window = _Window()
+    nan_updates = _injected_nan_updates(accelerator.process_index)
+    check_nonfinite = accelerator.mixed_precision != "fp16"  # fp16's GradScaler skips inf steps itself
+    new_bad: list[tuple[str, str, str]] = []  # this rank's bad samples since the last agreement
+    consecutive_skips = 0
+
+    def save() -> Path:
+        return save_checkpoint(accelerator, run_dir, state, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best)
+
     model.train()
-    while state.update < last_update:
-        stream.set_position(state.epoch, state.batch_in_epoch)
-        for batch in loader(cfg, stream):
-            images, labels = to_device(batch)
-            with accelerator.accumulate(model):
-                loss = criterion(model(images), labels)
-                accelerator.backward(loss)
-                state.batch_in_epoch += 1
-                window.loss_sum += loss.detach()  # stays on the device: no host sync per step
-                window.micro_batches += 1
-                if accelerator.sync_gradients:
-                    log_now = (state.update + 1) % cfg.train.log_every == 0
-                    grad_norm = None
-                    if cfg.train.clip_grad_norm or log_now:
-                        grad_norm = accelerator.clip_grad_norm_(
-                            model.parameters(), cfg.train.clip_grad_norm or math.inf
+    try:
+        while state.update < last_update:
+            stream.set_position(state.epoch, state.batch_in_epoch)
+            for batch in loader(cfg, stream):
+                new_bad += batch["bad"]
+                images, labels = to_device(batch)
+                with accelerator.accumulate(model):
+                    loss = criterion(model(images), labels)
+                    if state.update + 1 in nan_updates:
+                        loss = loss * float("nan")
+                    accelerator.backward(loss)
+                    state.batch_in_epoch += 1
+                    window.loss_sum += loss.detach()  # stays on the device: no host sync per step
+                    window.micro_batches += 1
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm or math.inf)
+                        # DDP has averaged the gradients, so every rank sees the same norm and decides alike.
+                        finite = not check_nonfinite or bool(torch.isfinite(grad_norm))
+                        lr = lr_at(state.update, plan, cfg.schedule)
+                        if finite:
+                            _set_lr(optimizer, lr)
+                            optimizer.step()
+                            consecutive_skips = 0
+                        optimizer.zero_grad(set_to_none=True)
+                if not accelerator.sync_gradients:
+                    continue
+
+                if not finite:
+                    consecutive_skips += 1
+                    if cfg.train.nonfinite == "stop" or consecutive_skips > cfg.train.max_consecutive_skips:
+                        # The parameters are those before this update: save them with the position rewound.
+                        state.batch_in_epoch -= cfg.batch.accumulation
+                        path = save()
+                        raise NonFiniteStop(
+                            f"rank {accelerator.process_index}: non-finite gradient norm at update {state.update + 1} "
+                            f"({consecutive_skips} in a row); checkpoint of the last good state: {path}"
                         )
-                    lr = lr_at(state.update, plan, cfg.schedule)
-                    _set_lr(optimizer, lr)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    state.update += 1
-                    window.updates += 1
-            if not accelerator.sync_gradients:
-                continue
-            if log_now:
-                values = _train_metrics(accelerator, window, plan, lr, grad_norm)
-                logger.log(state.update, state.epoch, values)
-                progress.update(
-                    loss=f"{values['train/loss']:.4f}", lr=f"{lr:.4g}", img_s=f"{values['train/images_per_s']:.0f}"
-                )
+                    state.skipped_updates += 1
+                state.update += 1
+                state.samples_seen += plan.global_batch
+                window.updates += 1
+
+                stop = False
+                if state.update % cfg.preemption.check_every == 0:
+                    agreed = agree(accelerator, signals.received is not None, len(new_bad))
+                    state.bad_samples += agreed.bad_samples
+                    _check_bad_data(cfg, plan, state, agreed.bad_samples, new_bad)
+                    new_bad, stop = [], agreed.stop_ranks > 0
+                if state.update % cfg.train.log_every == 0 or stop:
+                    values = _train_metrics(accelerator, window, plan, lr, grad_norm, state)
+                    logger.log(state.update, state.epoch, values)
+                    progress.update(
+                        loss=f"{values['train/loss']:.4f}", lr=f"{lr:.4g}", img_s=f"{values['train/images_per_s']:.0f}"
+                    )
+                    window.reset()
+                else:
+                    progress.update()
+                if stop:
+                    _preempt(cfg, accelerator, state, signals, save, progress)
+                if state.update >= last_update:
+                    break
+
+            if state.batch_in_epoch == plan.micro_batches_per_epoch:
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                if eval_loader is not None and state.epoch % cfg.eval.every_epochs == 0:
+                    eval_metrics = state.eval = evaluate(model, eval_loader, to_device, accelerator)
+                    logger.log(state.update, state.epoch, eval_metrics)
+                    progress.write(_eval_line(state, eval_metrics))
+                    evaluated_at = state.update
+                if state.epoch % cfg.checkpoint.every_epochs == 0:
+                    save()
+                    saved_at = state.update
                 window.reset()
-            else:
-                progress.update()
-            if state.update >= last_update:
-                break
 
-        if state.batch_in_epoch == plan.micro_batches_per_epoch:
-            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            if eval_loader is not None and state.epoch % cfg.eval.every_epochs == 0:
-                eval_metrics = evaluate(model, eval_loader, to_device, accelerator)
-                logger.log(state.update, state.epoch, eval_metrics)
-                progress.write(_eval_line(state, eval_metrics))
-                evaluated_at = state.update
-            if state.epoch % cfg.checkpoint.every_epochs == 0:
-                save_checkpoint(accelerator, run_dir, state, cfg.checkpoint.keep_last)
-                saved_at = state.update
-            window.reset()
+        if eval_loader is not None and evaluated_at != state.update:
+            eval_metrics = state.eval = evaluate(model, eval_loader, to_device, accelerator)
+            logger.log(state.update, state.epoch, eval_metrics)
+        if saved_at != state.update:
+            save()
+        fingerprints = replica_fingerprints(model, accelerator)
+    finally:
+        progress.close()
 
-    if eval_loader is not None and evaluated_at != state.update:
-        eval_metrics = evaluate(model, eval_loader, to_device, accelerator)
-        logger.log(state.update, state.epoch, eval_metrics)
-    if saved_at != state.update:
-        save_checkpoint(accelerator, run_dir, state, cfg.checkpoint.keep_last)
-    fingerprints = replica_fingerprints(model, accelerator)
-    progress.close()
-    logger.close()
     summary = {
         "run_dir": str(run_dir),
         "updates": state.update,
         "epoch": state.epoch,
         "seconds": time.perf_counter() - started,
         "world_size": accelerator.num_processes,
+        "data/skipped": state.bad_samples,
+        "train/skipped_updates": state.skipped_updates,
+        "best_checkpoint": str(best_checkpoint(run_dir) or ""),
         "replica_fingerprints": fingerprints,
         **eval_metrics,
     }
@@ -174,23 +268,87 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         if any(f != fingerprints[0] for f in fingerprints):
             print(f"distrain: WARNING: model replicas differ across ranks: {fingerprints}", file=sys.stderr)
-        print(_summary_line(summary), flush=True)
     return summary
 
 
+def _resume(accelerator: Accelerator, checkpoint: Path, fresh: TrainerState, allow: bool) -> TrainerState:
+    """Load a checkpoint into the prepared model/optimizer and return the position to continue from.
+
+    Raises:
+        DistrainError: the model or batch maths differ from the checkpoint's and ``allow`` is off.
+    """
+    saved = load_trainer_state(checkpoint)
+    diffs = resume_differences(saved, fresh.config, fresh.plan)
+    if diffs and not allow:
+        raise DistrainError(
+            f"--resume {checkpoint}: the model or batch maths differ from the checkpoint's ({'; '.join(diffs)}); "
+            "pass --allow-config-change to resume anyway (not an exact continuation)"
+        )
+    try:
+        accelerator.load_state(str(checkpoint))
+    except (pickle.UnpicklingError, RuntimeError, OSError, KeyError) as error:
+        # torch.load(weights_only=True) refuses pickled code; so do truncated or foreign files.
+        raise DistrainError(f"--resume {checkpoint}: cannot load checkpoint ({str(error).splitlines()[0][:200]})") from None
+    if diffs:
+        saved.batch_in_epoch = rescale_position(saved, fresh.plan)
+    saved.config, saved.plan = fresh.config, fresh.plan
+    return saved
+
+
+def _check_bad_data(
+    cfg: Config, plan: BatchPlan, state: TrainerState, new_total: int, mine: list[tuple[str, str, str]]
+) -> None:
+    """Stop every rank together when bad training samples exceed the policy.
+
+    The limit is a fraction of the samples seen, but never less than that fraction of one epoch,
+    so a bad sample early in the run does not stop it.
+
+    Raises:
+        BadDataError: naming a bad shard and key (gathered from whichever rank met one).
+    """
+    limit = cfg.data.max_bad_fraction * max(state.samples_seen, plan.samples_per_epoch)
+    if not new_total or (cfg.data.bad_samples == "skip" and state.bad_samples <= limit):
+        return
+    seen = [entry for entries in gather_object([mine[:1]]) for entry in entries]
+    url, key, reason = seen[0] if seen else ("?", "?", "?")
+    why = "data.bad_samples is fail" if cfg.data.bad_samples == "fail" else (
+        f"{state.bad_samples} bad of {state.samples_seen} samples seen exceeds data.max_bad_fraction="
+        f"{cfg.data.max_bad_fraction}"
+    )
+    raise BadDataError(f"bad sample {key!r} in {url}: {reason} ({why}; stopped at update {state.update})")
+
+
+def _preempt(cfg: Config, accelerator: Accelerator, state: TrainerState, signals: StopSignals, save, progress) -> None:
+    """Checkpoint at this update (all ranks), optionally requeue the SLURM job, and stop.
+
+    Raises:
+        Preempted: always, on every rank.
+    """
+    cause = f"{signals.received} received" if signals.received else "a stop signal on another rank"
+    path = save()
+    job = os.environ.get("SLURM_JOB_ID")
+    if cfg.preemption.requeue and job and accelerator.is_main_process:
+        progress.write(f"distrain: requeue: {requeue_slurm_job(job)}")
+    raise Preempted(
+        f"rank {accelerator.process_index}: stopped at update {state.update} ({cause}); checkpoint {path}; "
+        "continue with --resume auto"
+    )
+
+
 def _train_metrics(
-    accelerator: Accelerator, window: _Window, plan: BatchPlan, lr: float, grad_norm: torch.Tensor | None
+    accelerator: Accelerator, window: _Window, plan: BatchPlan, lr: float, grad_norm: torch.Tensor,
+    state: TrainerState,
 ) -> dict[str, float]:
     """Window metrics averaged over ranks (one all-reduce, at the same update on every rank)."""
     mean_loss = (window.loss_sum / max(window.micro_batches, 1)).float()
-    values = {
+    return {
         "train/loss": accelerator.reduce(mean_loss, reduction="mean").item(),
         "train/lr": lr,
         "train/images_per_s": window.updates * plan.global_batch / window.elapsed(),
+        "train/grad_norm": float(grad_norm),
+        "train/skipped_updates": state.skipped_updates,
+        "data/skipped": state.bad_samples,
     }
-    if grad_norm is not None:
-        values["train/grad_norm"] = float(grad_norm)
-    return values
 
 
 def _plan_line(plan: BatchPlan, cfg: Config, run_dir: Path, checkpoint: Path | None) -> str:
@@ -211,4 +369,8 @@ def _eval_line(state: TrainerState, m: dict[str, float]) -> str:
 
 def _summary_line(s: dict) -> str:
     top1 = f"eval top-1 {s['eval/top1']:.2f}% on {s['eval/samples']} samples" if "eval/top1" in s else "no eval set"
-    return f"distrain: done: {s['updates']} updates, {s['epoch']} epochs in {s['seconds']:.0f}s; {top1}; run dir {s['run_dir']}"
+    skipped = f"; {s['data/skipped']} bad samples skipped" if s["data/skipped"] else ""
+    return (
+        f"distrain: done: {s['updates']} updates, {s['epoch']} epochs in {s['seconds']:.0f}s; {top1}{skipped}; "
+        f"run dir {s['run_dir']}"
+    )

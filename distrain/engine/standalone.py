@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from distrain.config import apply_overrides, from_dict
 from distrain.data.device import ToDevice
 from distrain.dist import build_accelerator
+from distrain.dist.setup import shutdown
 from distrain.engine.build import build_model, eval_stream, loader, resolve_data
 from distrain.engine.evaluate import evaluate
 from distrain.errors import DistrainError
@@ -41,8 +42,10 @@ def evaluate_checkpoint(target: str, overrides: list[str]) -> dict | None:
     model.load_state_dict(load_file(checkpoint / MODEL_FILE))
     model = accelerator.prepare(model)
     to_device = ToDevice(cfg.data.mean, cfg.data.std, accelerator.device, cfg.model.channels_last)
-    stream = eval_stream(cfg, data.eval, accelerator.process_index, accelerator.num_processes)
+    stream = eval_stream(cfg, data.eval, accelerator.process_index, accelerator.num_processes, data.num_classes)
     metrics = evaluate(model, loader(cfg, stream), to_device, accelerator)
+    del model
+    shutdown(accelerator)
     if not accelerator.is_main_process:
         return None
     return {**metrics, "checkpoint": str(checkpoint)}

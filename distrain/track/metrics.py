@@ -44,9 +44,6 @@ class MetricsLogger:
             f.write(json.dumps({"step": step, "epoch": epoch, **values}) + "\n")
         self.accelerator.log(values, step=step)
 
-    def close(self) -> None:
-        self.accelerator.end_training()
-
 
 def _wandb_run_id(run_dir: Path) -> str:
     """The W&B run id of this run dir, created once, so a resumed run continues the same W&B run."""
