@@ -53,6 +53,12 @@ class DataConfig:
     """Samples shuffled together inside each worker's stream (shards are always shuffled)."""
     prefetch: int = 2
     """Batches each worker prepares ahead."""
+    policy: Literal["none", "trivialaugment", "randaugment", "autoaugment"] = "none"
+    """Per-sample policy augmentation after crop + flip (torchvision's implementations)."""
+    randaugment_ops: int = 2
+    randaugment_magnitude: int = 9
+    random_erasing: float = 0.0
+    """Probability of erasing a random box of each training image (Zhong et al. 2020), on the device."""
     bad_samples: Literal["skip", "fail"] = "skip"
     """Unreadable samples (corrupt image, truncated tar, no or out-of-range label): skip and count
     them (each is replaced by a good sample of its batch), or stop the run at the first one."""
@@ -66,6 +72,10 @@ class ModelConfig:
     """torchvision classification model name, or cifar_resnet20/32/44/56/110."""
     norm: Literal["batch", "group"] = "batch"
     """Normalisation layers (CIFAR ResNets and torchvision ResNet families); group is batch-independent."""
+    zero_init_residual: bool = False
+    """Start the last BN gamma of each residual block at 0, so blocks start as identities (Goyal et al. 2017)."""
+    ghost_batch_size: int = 0
+    """Normalise BatchNorm over virtual batches of this many samples per device (0 = the whole micro-batch)."""
     channels_last: bool = False
     compile: bool = False
     """torch.compile the model (GPU runs; adds start-up time)."""
@@ -81,7 +91,9 @@ class BatchConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["sgd", "adamw"] = "sgd"
+    name: Literal["sgd", "adamw", "lars", "lamb"] = "sgd"
+    """lars (You et al. 2017) and lamb (You et al. 2019) adapt the LR per layer by a trust ratio,
+    for batches beyond 8k; layers without weight decay (norm/bias) are excluded from the ratio."""
     lr: float = 0.1
     """Learning rate at the reference batch ``base_batch``; the peak LR is scaled from it."""
     base_batch: int = 256
@@ -93,20 +105,26 @@ class OptimConfig:
     """Apply weight decay to norm-layer and bias parameters too (Goyal et al. exclude them)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
+    trust_coefficient: float = 0.001
+    """LARS trust coefficient (eta)."""
 
 
 @dataclass
 class ScheduleConfig:
     epochs: int = 90
     warmup_epochs: float = 0.0
+    warmup_updates: int = 0
+    """Warmup length in updates; overrides ``warmup_epochs`` when > 0."""
     warmup_start_lr: Optional[float] = None
     """LR at update 0 of the warmup; None starts at ``optim.lr`` (the unscaled LR, as Goyal et al.)."""
-    decay: Literal["cosine", "multistep", "constant"] = "cosine"
+    decay: Literal["cosine", "multistep", "poly", "constant"] = "cosine"
     milestones: list[float] = field(default_factory=lambda: [30, 60, 80])
     """Epochs at which multistep decay multiplies the LR by ``gamma``."""
     gamma: float = 0.1
     final_lr_factor: float = 0.0
-    """Cosine decays to ``peak * final_lr_factor``."""
+    """Cosine and poly decay to ``peak * final_lr_factor``."""
+    power: float = 2.0
+    """Exponent of poly decay (1 is linear decay)."""
 
 
 @dataclass
@@ -131,6 +149,32 @@ class EvalConfig:
     every_epochs: int = 1
     batch_size: int = 0
     """Per-device eval batch; 0 uses ``batch.per_device``."""
+
+
+@dataclass
+class EMAConfig:
+    """Exponential moving average of the weights (Polyak averaging)."""
+
+    decay: float = 0.0
+    """Per-update decay; 0 disables EMA. Updates made every N steps use decay**N."""
+    every: int = 1
+    """Optimizer updates between EMA updates (the torchvision recipe uses 32)."""
+    warmup: bool = True
+    """Ramp the decay up as (1 + n) / (10 + n) over the first EMA updates."""
+    export: bool = False
+    """Write the EMA weights (not the raw ones) to ``RUN_DIR/model.safetensors`` at the end."""
+
+
+@dataclass
+class MixConfig:
+    """Mixup (Zhang et al. 2018) and CutMix (Yun et al. 2019), on the device, per batch."""
+
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    prob: float = 1.0
+    """Probability that a batch is mixed at all."""
+    switch_prob: float = 0.5
+    """With both alphas > 0, probability of CutMix rather than Mixup for a mixed batch."""
 
 
 @dataclass
@@ -186,6 +230,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
     preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
@@ -351,6 +397,7 @@ def _check_values(cfg: Config) -> None:
         "distributed.timeout_s": cfg.distributed.timeout_s,
         "data.prefetch": cfg.data.prefetch,
         "train.max_consecutive_skips": cfg.train.max_consecutive_skips,
+        "ema.every": cfg.ema.every,
         "preemption.check_every": cfg.preemption.check_every,
     }
     for key, v in positive.items():
@@ -365,10 +412,26 @@ def _check_values(cfg: Config) -> None:
         "data.train_samples": cfg.data.train_samples,
         "train.max_updates": cfg.train.max_updates,
         "eval.batch_size": cfg.eval.batch_size,
+        "model.ghost_batch_size": cfg.model.ghost_batch_size,
+        "schedule.warmup_updates": cfg.schedule.warmup_updates,
+        "mix.mixup_alpha": cfg.mix.mixup_alpha,
+        "mix.cutmix_alpha": cfg.mix.cutmix_alpha,
+        "data.randaugment_ops": cfg.data.randaugment_ops,
     }
     for key, v in non_negative.items():
         if v < 0:
             raise DistrainError(f"{key}: must be >= 0, got {v}")
+    for key, p in (("data.random_erasing", cfg.data.random_erasing), ("mix.prob", cfg.mix.prob),
+                   ("mix.switch_prob", cfg.mix.switch_prob)):
+        if not 0.0 <= p <= 1.0:
+            raise DistrainError(f"{key}: a probability in [0, 1], got {p}")
+    if not 0.0 <= cfg.ema.decay < 1.0:
+        raise DistrainError(f"ema.decay: must be in [0, 1), got {cfg.ema.decay}")
+    if cfg.model.ghost_batch_size and cfg.batch.per_device % cfg.model.ghost_batch_size:
+        raise DistrainError(
+            f"model.ghost_batch_size: batch.per_device {cfg.batch.per_device} is not a multiple of "
+            f"{cfg.model.ghost_batch_size}"
+        )
     if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
         raise DistrainError(f"data.max_bad_fraction: must be in [0, 1], got {cfg.data.max_bad_fraction}")
     if not 0.0 <= cfg.train.label_smoothing < 1.0:

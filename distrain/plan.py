@@ -97,7 +97,7 @@ def make_plan(cfg: Config, world_size: int, train_samples: int) -> BatchPlan:
         samples_per_epoch=updates_per_epoch * global_batch,
         epochs=s.epochs,
         total_updates=updates_per_epoch * s.epochs,
-        warmup_updates=round(s.warmup_epochs * updates_per_epoch),
+        warmup_updates=s.warmup_updates or round(s.warmup_epochs * updates_per_epoch),
         base_lr=cfg.optim.lr,
         base_batch=cfg.optim.base_batch,
         peak_lr=peak,

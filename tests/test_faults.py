@@ -26,8 +26,8 @@ def losses(run: Path) -> dict[int, float]:
     return {e["step"]: e["train/loss"] for e in read_jsonl(run / "metrics.jsonl") if "train/loss" in e}
 
 
-def same_params(a: Path, b: Path) -> bool:
-    x, y = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+def same_params(a: Path, b: Path, name: str = "model.safetensors") -> bool:
+    x, y = load_file(a / name), load_file(b / name)
     return x.keys() == y.keys() and all((x[k] == y[k]).all() for k in x)
 
 
@@ -43,9 +43,10 @@ def finish(procs, timeout=120) -> list[tuple[int, str]]:
     return out
 
 
-# 2 ranks x 2 DataLoader workers each, so resume restores every worker's stream position.
+# 2 ranks x 2 DataLoader workers each, so resume restores every worker's stream position; EMA on,
+# so its weights must survive the resume too.
 TWO_RANK = {"batch": {"per_device": 8, "accumulation": 2}, "schedule": {"epochs": 1},
-            "data": {"workers": 2}, "distributed": {"timeout_s": 60}}
+            "data": {"workers": 2}, "ema": {"decay": 0.9, "every": 2}, "distributed": {"timeout_s": 60}}
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +76,9 @@ def test_sigusr1_on_one_rank_stops_both_at_the_same_update_and_resume_is_exact(t
     assert sorted(resumed) == list(range(1, 45))
     assert [f"{resumed[s]:.6f}" for s in range(stops[0] + 1, 45)] == [f"{ref[s]:.6f}" for s in range(stops[0] + 1, 45)]
     assert same_params(checkpoint_dirs(run)[-1], checkpoint_dirs(reference_two_rank)[-1])
+    assert same_params(checkpoint_dirs(run)[-1], checkpoint_dirs(reference_two_rank)[-1], "ema.safetensors")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["eval/ema_top1"] == json.loads((reference_two_rank / "summary.json").read_text())["eval/ema_top1"]
     runs = read_offline_runs(run)
     assert len(runs) == 2 and runs[0]["id"] == runs[1]["id"]  # one W&B run, continued
 

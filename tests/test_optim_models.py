@@ -192,3 +192,35 @@ def test_model_names():
     for n in ("cifar_resnet20", "cifar_resnet110", "resnet18", "resnet50", "vgg11"):
         assert n in names
     assert len(names) == len(set(names))
+
+
+def test_lars_and_lamb_exclude_no_decay_groups_from_the_trust_ratio():
+    from timm.optim import Lamb, Lars
+
+    model = create_model("cifar_resnet20", 10)
+    lars = create_optimizer(model, OptimConfig(name="lars", momentum=0.9, weight_decay=1e-4), lr=1.0)
+    lamb = create_optimizer(model, OptimConfig(name="lamb", weight_decay=0.05), lr=1e-3)
+    assert isinstance(lars, Lars) and isinstance(lamb, Lamb)
+    for opt in (lars, lamb):
+        decayed, plain = opt.param_groups
+        assert decayed["weight_decay"] > 0 and plain["weight_decay"] == 0.0 and not plain["always_adapt"]
+    assert lamb.defaults["max_grad_norm"] is None  # distrain clips; LAMB's own clipping is off
+    # One LARS step on a BN weight (no decay group) is plain momentum SGD: no trust ratio.
+    bn = model.bn1.weight
+    bn.grad = torch.ones_like(bn)
+    for p in model.parameters():
+        if p is not bn:
+            p.grad = torch.zeros_like(p)
+    before = bn.detach().clone()
+    lars.step()
+    assert torch.allclose(bn.detach(), before - 1.0)
+
+
+@pytest.mark.parametrize("name", ["cifar_resnet20", "resnet18"])
+def test_zero_init_residual_zeroes_the_last_norm_of_each_block(name):
+    model = create_model(name, 10, zero_init_residual=True)
+    last_norms = [m.bn2 for m in model.modules() if hasattr(m, "bn2") and not hasattr(m, "bn3")]
+    assert last_norms and all((bn.weight == 0).all() for bn in last_norms)
+    assert (create_model(name, 10).bn1.weight != 0).any()
+    with pytest.raises(DistrainError, match="zero_init_residual"):
+        create_model("vgg11", 10, zero_init_residual=True)

@@ -269,3 +269,26 @@ def test_cli_plan_without_dataset_size_is_one_line(tmp_path, capsys):
     _, err = capsys.readouterr()
     assert rc == 2
     assert len(err.splitlines()) == 1 and "data.train_samples" in err
+
+
+def test_poly_decay_and_warmup_in_updates():
+    cfg = cfg_with(schedule={"epochs": 10, "warmup_updates": 10, "decay": "poly", "power": 2.0,
+                             "final_lr_factor": 0.0, "warmup_start_lr": 0.0},
+                   optim={"lr": 0.1, "base_batch": 32}, batch={"per_device": 32})
+    plan = make_plan(cfg, 1, 320)  # 10 updates per epoch, 100 in all
+    assert plan.warmup_updates == 10 and plan.total_updates == 100
+    assert lr_at(5, plan, cfg.schedule) == pytest.approx(0.05)
+    assert lr_at(10, plan, cfg.schedule) == pytest.approx(0.1)
+    assert lr_at(55, plan, cfg.schedule) == pytest.approx(0.1 * 0.5**2)
+    assert lr_at(100, plan, cfg.schedule) == pytest.approx(0.0)
+
+
+def test_goyal_recipe_file_plans_the_paper_numbers(capsys):
+    from conftest import REPO
+
+    recipe_path = REPO / "configs" / "imagenet" / "resnet50_goyal_8k.yaml"
+    assert main(["plan", str(recipe_path), "--nodes", "32", "--gpus-per-node", "8", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert (plan["global_batch"], plan["updates_per_epoch"], plan["total_updates"]) == (8192, 156, 14040)
+    assert plan["peak_lr"] == pytest.approx(3.2) and plan["warmup_start_lr"] == pytest.approx(0.1)
+    assert plan["warmup_updates"] == 780 and plan["milestone_updates"] == [4680, 9360, 12480]

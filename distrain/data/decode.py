@@ -2,8 +2,10 @@
 
 The crop is chosen from the image size in the file header, before any pixel is decoded, so a JPEG
 can be decoded at a reduced size (libjpeg's DCT scaling via PIL ``draft``) whenever the crop still
-has at least the target resolution; crop and resize are then one PIL call. Randomness comes from
-an explicit ``random.Random`` so a sample's augmentation is a function of its batch seed alone.
+has at least the target resolution; crop and resize are then one PIL call. Crop and flip draw
+from an explicit ``random.Random``; a policy augmentation (torchvision's TrivialAugmentWide,
+RandAugment or AutoAugment) draws from torch's global generator, which the caller seeds per batch,
+so a sample's augmentation is a function of its batch seed alone.
 """
 
 from __future__ import annotations
@@ -14,9 +16,13 @@ import random
 
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 from torchvision.transforms.v2.functional import pil_to_tensor
 
+from distrain.errors import DistrainError
+
 Box = tuple[float, float, float, float]
+POLICIES = ("none", "trivialaugment", "randaugment", "autoaugment")
 
 
 def random_resized_crop_box(
@@ -79,14 +85,49 @@ def open_image(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data))
 
 
+def make_policy(name: str, ops: int, magnitude: int) -> v2.Transform | None:
+    """The torchvision policy augmentation called ``name`` (bilinear), or None for "none".
+
+    Args:
+        name: One of :data:`POLICIES`.
+        ops: RandAugment's number of ops per image (ignored by the other policies).
+        magnitude: RandAugment's magnitude (ignored by the other policies).
+
+    Raises:
+        DistrainError: ``name`` is not one of :data:`POLICIES`.
+    """
+    bilinear = v2.InterpolationMode.BILINEAR
+    if name == "none":
+        return None
+    if name == "trivialaugment":
+        return v2.TrivialAugmentWide(interpolation=bilinear)
+    if name == "randaugment":
+        return v2.RandAugment(num_ops=ops, magnitude=magnitude, interpolation=bilinear)
+    if name == "autoaugment":
+        return v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, interpolation=bilinear)
+    raise DistrainError(f"unknown augmentation policy {name!r}; expected one of {', '.join(POLICIES)}")
+
+
 def train_sample(
-    data: bytes, size: int, scale: tuple[float, float], ratio: tuple[float, float], hflip: bool, rng: random.Random
+    data: bytes,
+    size: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    hflip: bool,
+    rng: random.Random,
+    policy: v2.Transform | None = None,
 ) -> torch.Tensor:
-    """RandomResizedCrop + optional horizontal flip -> uint8 tensor (3, size, size)."""
+    """RandomResizedCrop + optional horizontal flip + optional policy -> uint8 tensor (3, size, size).
+
+    ``policy`` (from :func:`make_policy`) runs on the PIL image, where its ops are cheapest, and
+    draws from torch's global generator rather than ``rng``.
+    """
     img = open_image(data)
     out = crop_resize(img, random_resized_crop_box(*img.size, scale, ratio, rng), size)
     if hflip and rng.random() < 0.5:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)
+    if policy is not None:
+        out = policy(out)
     return pil_to_tensor(out)
 
 

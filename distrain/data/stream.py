@@ -8,15 +8,16 @@ The pipeline, run inside each DataLoader worker::
                                                 image, label), or why the position is bad;
                                                 skipped samples are read past, never decoded
     block shuffle (training)                 -> deterministic permutation per block
-    decode + crop + flip                     -> uint8 CHW tensors at the target resolution
+    decode + crop + flip (+ policy)          -> uint8 CHW tensors at the target resolution
     stack into a batch                       -> {"image": uint8 (B,3,H,W), "label": int64 (B,),
                                                  "key": [str], "bad": [BadSample]}; a bad
                                                 position holds a stand-in sample
 
 Workers are dealt batches round-robin by the DataLoader, so worker ``w`` produces the rank's
 batches ``w, w + n, w + 2n, ...``; it reads a contiguous range of samples for them. The order is
-a function of (seed, epoch, rank, workers) only, and a stream restarted at batch ``k`` yields
-exactly the batches ``k, k + 1, ...`` of the uninterrupted one without decoding the skipped ones. Eval ranges
+a function of (seed, epoch, rank, workers) only, a training batch's augmentation a function of
+(seed, epoch, rank, worker, batch) only, and a stream restarted at batch ``k`` yields exactly the
+batches ``k, k + 1, ...`` of the uninterrupted one without decoding the skipped ones. Eval ranges
 are padded to the same number of batches on every rank with label ``-1`` samples (zeros, never
 decoded) that metrics ignore, so every test sample is counted exactly once and every rank runs
 the same number of forward passes.
@@ -53,7 +54,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from distrain.data.decode import eval_sample, train_sample
+from distrain.data.decode import eval_sample, make_policy, train_sample
 from distrain.data.index import ShardSet
 from distrain.data.shards import Read, reads_for_range, shard_order, split_evenly
 from distrain.errors import DistrainError
@@ -64,12 +65,25 @@ PAD_LABEL = -1
 
 @dataclass(frozen=True)
 class Augment:
-    """Per-sample training augmentation settings."""
+    """Per-sample training augmentation settings.
+
+    Attributes:
+        size: Output side in pixels (RandomResizedCrop target).
+        scale: RandomResizedCrop area fraction range.
+        ratio: RandomResizedCrop aspect ratio range.
+        hflip: Flip horizontally with probability 0.5.
+        policy: Policy augmentation after crop + flip: one of ``decode.POLICIES``.
+        randaugment_ops: RandAugment's number of ops per image.
+        randaugment_magnitude: RandAugment's magnitude.
+    """
 
     size: int
     scale: tuple[float, float]
     ratio: tuple[float, float]
     hflip: bool
+    policy: str = "none"
+    randaugment_ops: int = 2
+    randaugment_magnitude: int = 9
 
 
 @dataclass(frozen=True)
@@ -268,11 +282,21 @@ class ShardStream(IterableDataset):
         samples = read_samples(reads_for_range(order, start, count), self.num_classes)
         samples = block_shuffle(samples, self.shuffle_block, [self.seed, self.epoch, start], done * self.batch_size)
         a = self.augment
+        policy = make_policy(a.policy, a.randaugment_ops, a.randaugment_magnitude)
         last_good = (torch.zeros(3, a.size, a.size, dtype=torch.uint8), PAD_LABEL, "")
         for j in range(done, b1 - b0):
             chunk = list(islice(samples, self.batch_size))
-            rng = random.Random(_batch_seed(self.seed, self.epoch, self.rank, worker, j))
-            images, bad = _decode(chunk, lambda data: train_sample(data, a.size, a.scale, a.ratio, a.hflip, rng))
+            words = (self.seed, self.epoch, self.rank, worker, j)
+            rng = random.Random(_batch_seed(*words))
+            # The policy draws from torch's global CPU generator: seed it per batch (from a seed of
+            # its own, not rng's) and restore it afterwards, so that with workers=0 the training
+            # process's stream of draws (MixUp, dropout, ...) does not depend on the data. Only the
+            # CPU generator is seeded: torch.manual_seed would also reseed the CUDA generators.
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(_batch_seed(*words, 1))
+                images, bad = _decode(
+                    chunk, lambda data: train_sample(data, a.size, a.scale, a.ratio, a.hflip, rng, policy)
+                )
             labels, keys = [s.label for s in chunk], [s.key for s in chunk]
             good = [(im, labels[i], keys[i]) for i, im in enumerate(images) if im is not None]
             if good:

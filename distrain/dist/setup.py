@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from datetime import timedelta
 from pathlib import Path
 
@@ -86,13 +87,17 @@ def check_world_size(launched: int, joined: int) -> None:
         )
 
 
-def replica_fingerprints(model: torch.nn.Module, accelerator: Accelerator) -> list[list[float]]:
-    """[sum, sum of squares] of all parameters (float64) on each rank, gathered to every rank.
+def replica_fingerprints(
+    model: torch.nn.Module, accelerator: Accelerator, extra: Iterable[torch.Tensor] = ()
+) -> list[list[float]]:
+    """[sum, sum of squares] of all parameters and ``extra`` tensors (float64) on each rank,
+    gathered to every rank.
 
-    Data-parallel replicas must hold bit-identical parameters; differing fingerprints reveal a
-    rank that skipped an update or a non-replicated parameter change.
+    Data-parallel replicas must hold bit-identical parameters (and EMA weights); differing
+    fingerprints reveal a rank that skipped an update or a non-replicated change.
     """
     params = [p.detach().double() for p in accelerator.unwrap_model(model).parameters()]
+    params += [t.detach().double() for t in extra]
     local = torch.stack([sum(p.sum() for p in params), sum((p * p).sum() for p in params)])
     gathered = accelerator.gather(local.to(accelerator.device).unsqueeze(0))
     return gathered.cpu().tolist()

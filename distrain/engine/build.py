@@ -16,6 +16,7 @@ from distrain.data.shards import resolve_shards
 from distrain.data.stream import Augment, EvalResize, ShardStream, make_loader
 from distrain.errors import DistrainError
 from distrain.models import create_model
+from distrain.models.ghost_bn import convert_to_ghost_bn
 from distrain.plan import BatchPlan
 
 
@@ -70,7 +71,8 @@ def train_stream(cfg: Config, data: DataSets, plan: BatchPlan, accelerator: Acce
         batch_size=plan.per_device,
         seed=cfg.seed,
         num_classes=data.num_classes,
-        augment=Augment(d.train_crop, tuple(d.scale), tuple(d.ratio), d.hflip),
+        augment=Augment(d.train_crop, tuple(d.scale), tuple(d.ratio), d.hflip, d.policy, d.randaugment_ops,
+                        d.randaugment_magnitude),
         batches_per_epoch=plan.micro_batches_per_epoch,
         shuffle_block=d.shuffle_block,
     )
@@ -95,8 +97,10 @@ def loader(cfg: Config, stream: ShardStream) -> DataLoader:
 
 
 def build_model(cfg: Config, num_classes: int) -> nn.Module:
-    """The model for ``cfg`` in the configured memory format (Accelerate compiles it if asked)."""
-    model = create_model(cfg.model.name, num_classes, cfg.model.norm)
+    """The model for ``cfg`` (ghost BN, memory format) before Accelerate wraps (and compiles) it."""
+    model = create_model(cfg.model.name, num_classes, cfg.model.norm, cfg.model.zero_init_residual)
+    if cfg.model.ghost_batch_size:
+        convert_to_ghost_bn(model, cfg.model.ghost_batch_size)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model

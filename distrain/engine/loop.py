@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
+from safetensors.torch import save_file
 from torch import nn
 
 from distrain.config import Config, dump, to_dict
@@ -40,6 +41,7 @@ from distrain.track.checkpoint import (
     TrainerState,
     best_checkpoint,
     checkpoint_dirs,
+    load_extra,
     load_trainer_state,
     rescale_position,
     resolve_resume,
@@ -47,6 +49,9 @@ from distrain.track.checkpoint import (
     save_checkpoint,
 )
 from distrain.track.metrics import MetricsLogger
+from distrain.tricks.ema import EMA
+from distrain.tricks.erasing import random_erasing
+from distrain.tricks.mix import MixCut
 from distrain.track.progress import Progress
 
 
@@ -136,14 +141,19 @@ def _train(cfg: Config, accelerator: Accelerator, signals: StopSignals, resume: 
     model = build_model(cfg, data.num_classes)
     optimizer = create_optimizer(model, cfg.optim, lr_at(0, plan, cfg.schedule))
     model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    ema = EMA(unwrapped, cfg.ema.decay, cfg.ema.every, cfg.ema.warmup) if cfg.ema.decay else None
     # Label -1 marks a training batch the stream could not fill with any readable sample.
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing, ignore_index=PAD_LABEL)
+    m = cfg.mix
+    mixcut = MixCut(data.num_classes, m.mixup_alpha, m.cutmix_alpha, m.prob, m.switch_prob, cfg.train.label_smoothing)
+    loss_fn = mixcut.loss if mixcut.enabled else criterion
     to_device = ToDevice(cfg.data.mean, cfg.data.std, accelerator.device, cfg.model.channels_last)
 
     state = TrainerState(config=to_dict(cfg), plan=plan.as_dict())
     checkpoint = resolve_resume(resume, run_dir) if resume else None
     if checkpoint is not None:
-        state = _resume(accelerator, checkpoint, state, allow)
+        state = _resume(accelerator, checkpoint, state, allow, ema)
 
     stream = train_stream(cfg, data, plan, accelerator)
     eval_loader = None
@@ -166,7 +176,18 @@ def _train(cfg: Config, accelerator: Accelerator, signals: StopSignals, resume: 
     consecutive_skips = 0
 
     def save() -> Path:
-        return save_checkpoint(accelerator, run_dir, state, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best)
+        extras = {}
+        if ema is not None:
+            state.ema_updates, extras["ema"] = ema.n_updates, ema.shadow
+        return save_checkpoint(accelerator, run_dir, state, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best, extras)
+
+    def run_eval() -> dict[str, float]:
+        metrics = evaluate(model, eval_loader, to_device, accelerator)
+        if ema is not None:
+            with ema.swapped(unwrapped):
+                averaged = evaluate(model, eval_loader, to_device, accelerator)
+            metrics.update({k.replace("eval/", "eval/ema_"): averaged[k] for k in ("eval/top1", "eval/top5", "eval/loss")})
+        return metrics
 
     model.train()
     try:
@@ -174,9 +195,13 @@ def _train(cfg: Config, accelerator: Accelerator, signals: StopSignals, resume: 
             stream.set_position(state.epoch, state.batch_in_epoch)
             for batch in loader(cfg, stream):
                 new_bad += batch["bad"]
-                images, labels = to_device(batch)
+                images, targets = to_device(batch)
+                if cfg.data.random_erasing:
+                    images = random_erasing(images, cfg.data.random_erasing)
+                if mixcut.enabled:
+                    images, targets = mixcut(images, targets)
                 with accelerator.accumulate(model):
-                    loss = criterion(model(images), labels)
+                    loss = loss_fn(model(images), targets)
                     if state.update + 1 in nan_updates:
                         loss = loss * float("nan")
                     accelerator.backward(loss)
@@ -208,6 +233,8 @@ def _train(cfg: Config, accelerator: Accelerator, signals: StopSignals, resume: 
                         )
                     state.skipped_updates += 1
                 state.update += 1
+                if ema is not None and finite:
+                    ema.update(unwrapped, state.update)
                 state.samples_seen += plan.global_batch
                 window.updates += 1
 
@@ -234,7 +261,7 @@ def _train(cfg: Config, accelerator: Accelerator, signals: StopSignals, resume: 
             if state.batch_in_epoch == plan.micro_batches_per_epoch:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                 if eval_loader is not None and state.epoch % cfg.eval.every_epochs == 0:
-                    eval_metrics = state.eval = evaluate(model, eval_loader, to_device, accelerator)
+                    eval_metrics = state.eval = run_eval()
                     logger.log(state.update, state.epoch, eval_metrics)
                     progress.write(_eval_line(state, eval_metrics))
                     evaluated_at = state.update
@@ -244,11 +271,17 @@ def _train(cfg: Config, accelerator: Accelerator, signals: StopSignals, resume: 
                 window.reset()
 
         if eval_loader is not None and evaluated_at != state.update:
-            eval_metrics = state.eval = evaluate(model, eval_loader, to_device, accelerator)
+            eval_metrics = state.eval = run_eval()
             logger.log(state.update, state.epoch, eval_metrics)
         if saved_at != state.update:
             save()
-        fingerprints = replica_fingerprints(model, accelerator)
+        if accelerator.is_main_process:
+            export = ema.shadow if ema is not None and cfg.ema.export else unwrapped.state_dict()
+            save_file({k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.cpu()
+                       for k, v in export.items()}, run_dir / "model.safetensors")
+        # Buffers (BN running stats) are per rank between DDP's broadcasts, so only weights are compared.
+        averaged = [ema.shadow[name] for name, _ in unwrapped.named_parameters()] if ema is not None else []
+        fingerprints = replica_fingerprints(model, accelerator, averaged)
     finally:
         progress.close()
 
@@ -271,7 +304,9 @@ def _train(cfg: Config, accelerator: Accelerator, signals: StopSignals, resume: 
     return summary
 
 
-def _resume(accelerator: Accelerator, checkpoint: Path, fresh: TrainerState, allow: bool) -> TrainerState:
+def _resume(
+    accelerator: Accelerator, checkpoint: Path, fresh: TrainerState, allow: bool, ema: EMA | None
+) -> TrainerState:
     """Load a checkpoint into the prepared model/optimizer and return the position to continue from.
 
     Raises:
@@ -289,6 +324,8 @@ def _resume(accelerator: Accelerator, checkpoint: Path, fresh: TrainerState, all
     except (pickle.UnpicklingError, RuntimeError, OSError, KeyError) as error:
         # torch.load(weights_only=True) refuses pickled code; so do truncated or foreign files.
         raise DistrainError(f"--resume {checkpoint}: cannot load checkpoint ({str(error).splitlines()[0][:200]})") from None
+    if ema is not None:
+        ema.load_state_dict({"shadow": load_extra(checkpoint, "ema", accelerator.device), "n_updates": saved.ema_updates})
     if diffs:
         saved.batch_in_epoch = rescale_position(saved, fresh.plan)
     saved.config, saved.plan = fresh.config, fresh.plan
@@ -361,9 +398,10 @@ def _plan_line(plan: BatchPlan, cfg: Config, run_dir: Path, checkpoint: Path | N
 
 
 def _eval_line(state: TrainerState, m: dict[str, float]) -> str:
+    ema = f", EMA top-1 {m['eval/ema_top1']:.2f}%" if "eval/ema_top1" in m else ""
     return (
         f"epoch {state.epoch} update {state.update}: eval top-1 {m['eval/top1']:.2f}% top-5 {m['eval/top5']:.2f}% "
-        f"loss {m['eval/loss']:.4f} ({m['eval/samples']} samples)"
+        f"loss {m['eval/loss']:.4f} ({m['eval/samples']} samples){ema}"
     )
 
 

@@ -39,9 +39,10 @@ class CifarResNet(nn.Module):
         depth: 20, 32, 44, 56 or 110.
         num_classes: Output classes.
         norm: Builds the norm layer for a channel count (BatchNorm2d by default).
+        zero_init_residual: Start each block's last norm gamma at 0 (the block starts as identity).
     """
 
-    def __init__(self, depth: int, num_classes: int, norm: NormLayer = nn.BatchNorm2d):
+    def __init__(self, depth: int, num_classes: int, norm: NormLayer = nn.BatchNorm2d, zero_init_residual: bool = False):
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
@@ -60,6 +61,9 @@ class CifarResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if zero_init_residual:
+            for block in self.layers:
+                nn.init.zeros_(block.bn2.weight)
 
     def forward(self, x):
         x = self.relu(self.bn1(self.conv1(x)))

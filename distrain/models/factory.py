@@ -35,7 +35,7 @@ def group_norm(channels: int) -> nn.GroupNorm:
 _NORMS = {"batch": nn.BatchNorm2d, "group": group_norm}
 
 
-def create_model(name: str, num_classes: int, norm: str = "batch") -> nn.Module:
+def create_model(name: str, num_classes: int, norm: str = "batch", zero_init_residual: bool = False) -> nn.Module:
     """A randomly initialised classifier.
 
     Args:
@@ -44,6 +44,7 @@ def create_model(name: str, num_classes: int, norm: str = "batch") -> nn.Module:
         num_classes: Size of the output layer.
         norm: ``batch`` or ``group`` normalisation, for models that take a norm layer (CIFAR ResNets,
             torchvision ResNets); others keep their own.
+        zero_init_residual: Zero the last norm gamma of every residual block (ResNets only).
 
     Raises:
         DistrainError: unknown name (with the closest known names), or a norm the model cannot take.
@@ -51,8 +52,12 @@ def create_model(name: str, num_classes: int, norm: str = "batch") -> nn.Module:
     check_model_name(name)
     norm_layer = _NORMS[norm]
     if name in _CIFAR_DEPTHS:
-        return CifarResNet(_CIFAR_DEPTHS[name], num_classes, norm_layer)
+        return CifarResNet(_CIFAR_DEPTHS[name], num_classes, norm_layer, zero_init_residual)
     kwargs = {}
+    if zero_init_residual:
+        if not name.startswith(_TAKES_NORM_LAYER):
+            raise DistrainError(f"model.zero_init_residual: {name} is not a ResNet")
+        kwargs["zero_init_residual"] = True
     if norm != "batch":
         if not name.startswith(_TAKES_NORM_LAYER):
             raise DistrainError(f"model.norm: {name} has no norm_layer option; use model.norm=batch")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from timm.optim import Lamb, Lars
 from torch import nn
 
 from distrain.config import OptimConfig
@@ -39,4 +40,11 @@ def create_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.opt
     groups = param_groups(model, cfg.weight_decay, cfg.norm_bias_decay)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    # timm's LARS/LAMB apply the trust ratio only to groups with weight decay, which is how the
+    # papers exclude BN and bias parameters (they sit in the no-decay group).
+    if cfg.name == "lars":
+        return Lars(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, trust_coeff=cfg.trust_coefficient)
+    # distrain clips gradients itself (train.clip_grad_norm); LAMB's own global clipping is off.
+    return Lamb(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, max_grad_norm=None)

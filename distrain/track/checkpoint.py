@@ -23,7 +23,9 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
 
 from distrain.errors import DistrainError
 
@@ -47,6 +49,7 @@ class TrainerState:
         bad_samples: Bad training samples replaced so far (all ranks).
         skipped_updates: Updates skipped for a non-finite loss or gradient norm.
         eval: The eval metrics at this point, if an evaluation ran at it.
+        ema_updates: EMA updates made (the EMA weights are ``ema.safetensors``).
         config: The resolved config the run was started with.
         plan: The batch plan the run was started with.
     """
@@ -58,6 +61,7 @@ class TrainerState:
     bad_samples: int = 0
     skipped_updates: int = 0
     eval: dict = field(default_factory=dict)
+    ema_updates: int = 0
     config: dict = field(default_factory=dict)
     plan: dict = field(default_factory=dict)
 
@@ -101,11 +105,18 @@ def best_checkpoint(run_dir: str | Path, metric: str = "eval/top1") -> Path | No
 
 
 def save_checkpoint(
-    accelerator: Accelerator, run_dir: Path, state: TrainerState, keep_last: int, keep_best: bool
+    accelerator: Accelerator,
+    run_dir: Path,
+    state: TrainerState,
+    keep_last: int,
+    keep_best: bool,
+    extras: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Save the full training state; every rank must call this at the same point.
 
     Keeps the newest ``keep_last`` checkpoints, plus the best by ``eval/top1`` if ``keep_best``.
+    ``extras`` are further replicated tensor sets (e.g. the EMA weights), each written by rank 0
+    as ``<name>.safetensors``; their counters belong in ``state``.
 
     Returns:
         The checkpoint directory.
@@ -122,6 +133,8 @@ def save_checkpoint(
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        for name, tensors in (extras or {}).items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / f"{name}.safetensors")
         (tmp / STATE_NAME).write_text(json.dumps(asdict(state), indent=1) + "\n")
         if final.exists():
             shutil.rmtree(final)
@@ -132,6 +145,18 @@ def save_checkpoint(
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def load_extra(checkpoint: Path, name: str, device: torch.device) -> dict[str, torch.Tensor]:
+    """A tensor set saved with :func:`save_checkpoint`'s ``extras``.
+
+    Raises:
+        DistrainError: the checkpoint has no such set (e.g. EMA switched on after it was made).
+    """
+    path = checkpoint / f"{name}.safetensors"
+    if not path.is_file():
+        raise DistrainError(f"--resume {checkpoint}: no {path.name} in the checkpoint (was {name} off when it was made?)")
+    return {k: v.to(device) for k, v in load_file(path).items()}
 
 
 def load_trainer_state(checkpoint: Path) -> TrainerState:
