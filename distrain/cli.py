@@ -58,6 +58,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         ("training samples", plan.train_samples),
         ("updates per epoch", plan.updates_per_epoch),
         ("samples per epoch", plan.samples_per_epoch),
+        *([("distinct samples per epoch", f"{plan.unique_samples_per_epoch} ({plan.repeats} repeats)")]
+          if plan.repeats > 1 else []),
         ("epochs", plan.epochs),
         ("total updates", plan.total_updates),
         ("base LR", f"{plan.base_lr:g} per {plan.base_batch}"),

@@ -57,6 +57,10 @@ class DataConfig:
     """Per-sample policy augmentation after crop + flip (torchvision's implementations)."""
     randaugment_ops: int = 2
     randaugment_magnitude: int = 9
+    repeats: int = 1
+    """Repeated augmentation: each sample appears this many times per step, differently augmented,
+    on different ranks when the world size allows (Hoffer et al. 2020; DeiT). An epoch keeps its
+    number of updates and holds 1/repeats as many distinct samples."""
     random_erasing: float = 0.0
     """Probability of erasing a random box of each training image (Zhong et al. 2020), on the device."""
     bad_samples: Literal["skip", "fail"] = "skip"
@@ -396,6 +400,7 @@ def _check_values(cfg: Config) -> None:
         "checkpoint.keep_last": cfg.checkpoint.keep_last,
         "distributed.timeout_s": cfg.distributed.timeout_s,
         "data.prefetch": cfg.data.prefetch,
+        "data.repeats": cfg.data.repeats,
         "train.max_consecutive_skips": cfg.train.max_consecutive_skips,
         "ema.every": cfg.ema.every,
         "preemption.check_every": cfg.preemption.check_every,

@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from distrain.config import Config
+from distrain.data.shards import repeat_layout
 from distrain.errors import DistrainError
 
 
@@ -27,7 +28,9 @@ class BatchPlan:
         train_samples: Size of the training set.
         updates_per_epoch: Optimizer updates per epoch (the remainder of an epoch is dropped).
         micro_batches_per_epoch: Micro-batches each rank runs per epoch.
-        samples_per_epoch: Samples actually trained on per epoch.
+        samples_per_epoch: Samples actually trained on per epoch (copies included).
+        repeats: Augmented copies of each sample per step (repeated augmentation).
+        unique_samples_per_epoch: Distinct samples per epoch (``samples_per_epoch / repeats``).
         epochs: Length of the schedule in epochs.
         total_updates: Length of the schedule in optimizer updates.
         warmup_updates: Updates of linear warmup.
@@ -47,6 +50,8 @@ class BatchPlan:
     updates_per_epoch: int
     micro_batches_per_epoch: int
     samples_per_epoch: int
+    repeats: int
+    unique_samples_per_epoch: int
     epochs: int
     total_updates: int
     warmup_updates: int
@@ -84,6 +89,7 @@ def make_plan(cfg: Config, world_size: int, train_samples: int) -> BatchPlan:
             f"batch.per_device x batch.accumulation x {world_size} processes = global batch {global_batch} "
             f"is larger than the {train_samples} training samples"
         )
+    repeat_layout(cfg.data.repeats, world_size, cfg.batch.per_device)
     s = cfg.schedule
     peak = scale_lr(cfg.optim.lr, global_batch, cfg.optim.base_batch, cfg.optim.scaling)
     return BatchPlan(
@@ -95,6 +101,8 @@ def make_plan(cfg: Config, world_size: int, train_samples: int) -> BatchPlan:
         updates_per_epoch=updates_per_epoch,
         micro_batches_per_epoch=updates_per_epoch * cfg.batch.accumulation,
         samples_per_epoch=updates_per_epoch * global_batch,
+        repeats=cfg.data.repeats,
+        unique_samples_per_epoch=updates_per_epoch * global_batch // cfg.data.repeats,
         epochs=s.epochs,
         total_updates=updates_per_epoch * s.epochs,
         warmup_updates=s.warmup_updates or round(s.warmup_epochs * updates_per_epoch),

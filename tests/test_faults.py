@@ -64,11 +64,17 @@ def test_sigusr1_on_one_rank_stops_both_at_the_same_update_and_resume_is_exact(t
     procs = spawn_ranks(["train", cfg], cwd=tmp_path)
     wait_for(lambda: logged_steps(run) >= 6, timeout=120, what="update 6")
     procs[1].send_signal(signal.SIGUSR1)
+    # More signals while the ranks agree, save and exit (SLURM may signal again): nothing may break.
+    for _ in range(6):
+        time.sleep(0.1)
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
     results = finish(procs)
     assert [code for code, _ in results] == [EXIT_PREEMPTED, EXIT_PREEMPTED], results
     stops = [int(err.split("stopped at update ")[1].split()[0]) for _, err in results]
     assert stops[0] == stops[1] and 6 <= stops[0] < 44
-    assert "SIGUSR1 received" in results[1][1] and "another rank" in results[0][1]
+    assert "SIGUSR1 received" in results[1][1]
     assert [p.name for p in checkpoint_dirs(run)] == [f"update-{stops[0]:08d}"]
 
     checked(distrain(["train", cfg, "--resume", "auto"], cwd=tmp_path, nproc=2))

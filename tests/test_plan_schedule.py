@@ -292,3 +292,14 @@ def test_goyal_recipe_file_plans_the_paper_numbers(capsys):
     assert (plan["global_batch"], plan["updates_per_epoch"], plan["total_updates"]) == (8192, 156, 14040)
     assert plan["peak_lr"] == pytest.approx(3.2) and plan["warmup_start_lr"] == pytest.approx(0.1)
     assert plan["warmup_updates"] == 780 and plan["milestone_updates"] == [4680, 9360, 12480]
+
+
+def test_torchvision_sota_recipe_file_plans_its_numbers(capsys):
+    from conftest import REPO
+
+    recipe_path = REPO / "configs" / "imagenet" / "resnet50_torchvision_sota.yaml"
+    assert main(["plan", str(recipe_path), "--nodes", "1", "--gpus-per-node", "8", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert (plan["global_batch"], plan["updates_per_epoch"], plan["total_updates"]) == (1024, 1251, 750600)
+    assert plan["peak_lr"] == pytest.approx(0.5) and plan["warmup_start_lr"] == pytest.approx(0.005)
+    assert plan["warmup_updates"] == 6255 and plan["repeats"] == 4 and plan["unique_samples_per_epoch"] == 320256

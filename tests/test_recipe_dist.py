@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.dist, pytest.mark.slow]
 TECHNIQUES = {
     "model": {"name": "cifar_resnet20", "zero_init_residual": True, "ghost_batch_size": 4},
     "batch": {"per_device": 16, "accumulation": 2},
-    "data": {"policy": "trivialaugment", "random_erasing": 0.25, "workers": 2},
+    "data": {"policy": "trivialaugment", "random_erasing": 0.25, "repeats": 2, "workers": 2},
     "mix": {"mixup_alpha": 0.2, "cutmix_alpha": 1.0, "prob": 1.0, "switch_prob": 0.5},
     "ema": {"decay": 0.99, "every": 2, "export": True},
     "train": {"label_smoothing": 0.1, "log_every": 5, "max_updates": 12, "clip_grad_norm": 5.0},

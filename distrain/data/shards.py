@@ -113,3 +113,30 @@ def split_evenly(n: int, parts: int, i: int) -> tuple[int, int]:
     q, r = divmod(n, parts)
     start = i * q + min(i, r)
     return start, start + q + (1 if i < r else 0)
+
+
+def repeat_layout(repeats: int, world_size: int, batch_size: int) -> tuple[int, int]:
+    """Where the ``repeats`` augmented copies of a sample go: (ranks per copy group, copies per batch).
+
+    Repeated augmentation (Hoffer et al. 2020; DeiT's RASampler) puts the copies of a sample in
+    the same step. With ``repeats`` dividing the world size, groups of ``repeats`` ranks read the
+    same samples (each rank augments its copy with its own seed); with fewer ranks, every rank
+    reads the same samples and each batch holds ``repeats / world_size`` copies of each.
+
+    Raises:
+        DistrainError: neither divides the other, or the batch does not hold whole sets of copies.
+    """
+    if repeats == 1 or world_size % repeats == 0:
+        return repeats, 1
+    if repeats % world_size:
+        raise DistrainError(
+            f"data.repeats: {repeats} copies cannot be spread over {world_size} ranks; use a divisor or a multiple "
+            "of the number of processes"
+        )
+    copies = repeats // world_size
+    if batch_size % copies:
+        raise DistrainError(
+            f"data.repeats: batch.per_device {batch_size} must be a multiple of the {copies} copies per batch "
+            f"({repeats} repeats on {world_size} ranks)"
+        )
+    return world_size, copies

@@ -56,7 +56,7 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from distrain.data.decode import eval_sample, make_policy, train_sample
 from distrain.data.index import ShardSet
-from distrain.data.shards import Read, reads_for_range, shard_order, split_evenly
+from distrain.data.shards import Read, reads_for_range, repeat_layout, shard_order, split_evenly
 from distrain.errors import DistrainError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -222,6 +222,9 @@ class ShardStream(IterableDataset):
         eval_resize: Eval preprocessing (required when ``augment`` is None).
         batches_per_epoch: Training only: batches each rank yields per epoch (from the plan).
         shuffle_block: Training only: samples permuted together inside a worker's stream.
+        repeats: Training only: augmented copies of each sample per step (repeated augmentation,
+            see :func:`distrain.data.shards.repeat_layout`); an epoch then holds
+            ``1 / repeats`` as many distinct samples.
     """
 
     def __init__(
@@ -237,6 +240,7 @@ class ShardStream(IterableDataset):
         eval_resize: EvalResize | None = None,
         batches_per_epoch: int = 0,
         shuffle_block: int = 1024,
+        repeats: int = 1,
     ):
         super().__init__()
         self.shards, self.rank, self.world_size = shards, rank, world_size
@@ -246,7 +250,9 @@ class ShardStream(IterableDataset):
             per_rank = math.ceil(shards.total / world_size)
             self.batches_per_epoch = math.ceil(per_rank / batch_size)
         else:
-            if batches_per_epoch * batch_size * world_size > shards.total:
+            self.rank_copies, self.batch_copies = repeat_layout(repeats, world_size, batch_size)
+            unique = batches_per_epoch * batch_size * world_size // repeats
+            if unique > shards.total:
                 raise DistrainError(
                     f"{batches_per_epoch} batches of {batch_size} on {world_size} ranks need more than the "
                     f"{shards.total} samples in the shards"
@@ -277,15 +283,18 @@ class ShardStream(IterableDataset):
 
     def _train_batches(self, b0: int, b1: int, done: int, worker: int) -> Iterator[dict]:
         order = shard_order(self.shards, self.seed, self.epoch, shuffle=True)
-        start = (self.rank * self.batches_per_epoch + b0) * self.batch_size
-        count = (b1 - b0) * self.batch_size
+        # Ranks of one repeat group read the same range in the same order; each batch holds
+        # `unique` samples, each `batch_copies` times.
+        group, unique = self.rank // self.rank_copies, self.batch_size // self.batch_copies
+        start = (group * self.batches_per_epoch + b0) * unique
+        count = (b1 - b0) * unique
         samples = read_samples(reads_for_range(order, start, count), self.num_classes)
-        samples = block_shuffle(samples, self.shuffle_block, [self.seed, self.epoch, start], done * self.batch_size)
+        samples = block_shuffle(samples, self.shuffle_block, [self.seed, self.epoch, start], done * unique)
         a = self.augment
         policy = make_policy(a.policy, a.randaugment_ops, a.randaugment_magnitude)
         last_good = (torch.zeros(3, a.size, a.size, dtype=torch.uint8), PAD_LABEL, "")
         for j in range(done, b1 - b0):
-            chunk = list(islice(samples, self.batch_size))
+            chunk = [s for s in islice(samples, unique) for _ in range(self.batch_copies)]
             words = (self.seed, self.epoch, self.rank, worker, j)
             rng = random.Random(_batch_seed(*words))
             # The policy draws from torch's global CPU generator: seed it per batch (from a seed of

@@ -41,6 +41,16 @@ class StopSignals:
         if self.received is None:
             self.received = signal.Signals(signum).name
 
+    def ignore_further(self) -> None:
+        """Ignore stop signals from now on (the run has stopped and saved; SIGKILL still works).
+
+        SIG_IGN rather than the recording handler: Python resets its own handlers to the default
+        during interpreter shutdown, where a late SIGTERM would otherwise kill the process and
+        replace its exit code.
+        """
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)

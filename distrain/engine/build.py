@@ -75,6 +75,7 @@ def train_stream(cfg: Config, data: DataSets, plan: BatchPlan, accelerator: Acce
                         d.randaugment_magnitude),
         batches_per_epoch=plan.micro_batches_per_epoch,
         shuffle_block=d.shuffle_block,
+        repeats=d.repeats,
     )
 
 

@@ -34,7 +34,7 @@ from distrain.dist.setup import replica_fingerprints, shutdown
 from distrain.dist.signals import StopSignals, agree, is_peer_failure, requeue_slurm_job
 from distrain.engine.build import build_model, eval_stream, loader, prepare_builtin, resolve_data, train_stream
 from distrain.engine.evaluate import evaluate
-from distrain.errors import BadDataError, DistrainError, NonFiniteStop, PeerLost, Preempted
+from distrain.errors import BadDataError, DistrainError, NonFiniteStop, PeerLost, Preempted, RunStopped
 from distrain.optim import create_optimizer, lr_at
 from distrain.plan import BatchPlan, make_plan
 from distrain.track.checkpoint import (
@@ -115,17 +115,26 @@ def train(cfg: Config, resume: str | None = None, allow_config_change: bool = Fa
     try:
         summary = _train(cfg, accelerator, signals, resume, allow_config_change)
     except Exception as error:
-        if accelerator.num_processes > 1 and is_peer_failure(error):
+        ending = error
+        if not isinstance(error, RunStopped) and accelerator.num_processes > 1 and is_peer_failure(error):
             newest = checkpoint_dirs(cfg.out_dir)
-            raise PeerLost(
+            ending = PeerLost(
                 f"rank {accelerator.process_index}: lost contact with another rank, which died or hung past "
                 f"distributed.timeout_s={cfg.distributed.timeout_s}s ({str(error).splitlines()[0][:200]}); "
                 f"newest checkpoint: {newest[-1] if newest else 'none'}; continue with --resume auto"
-            ) from None
-        raise
-    finally:
-        signals.restore()
+            )
+        # A run stopped on purpose is on its way out with its checkpoint written: a repeated SIGTERM
+        # from the scheduler must not turn its exit code into a kill.
+        if isinstance(ending, RunStopped):
+            signals.ignore_further()
         shutdown(accelerator)
+        if not isinstance(ending, RunStopped):
+            signals.restore()
+        if ending is error:
+            raise
+        raise ending from None
+    shutdown(accelerator)
+    signals.restore()
     if accelerator.is_main_process:
         print(_summary_line(summary), flush=True)  # last, after W&B's own closing lines
     return summary
