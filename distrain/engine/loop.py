@@ -195,7 +195,8 @@ def _train(cfg: Config, accelerator: Accelerator, signals: StopSignals, resume: 
         if ema is not None:
             with ema.swapped(unwrapped):
                 averaged = evaluate(model, eval_loader, to_device, accelerator)
-            metrics.update({k.replace("eval/", "eval/ema_"): averaged[k] for k in ("eval/top1", "eval/top5", "eval/loss")})
+            for key in ("eval/top1", "eval/top5", "eval/loss"):
+                metrics[key.replace("eval/", "eval/ema_")] = averaged[key]
         return metrics
 
     model.train()
@@ -218,7 +219,8 @@ def _train(cfg: Config, accelerator: Accelerator, signals: StopSignals, resume: 
                     window.loss_sum += loss.detach()  # stays on the device: no host sync per step
                     window.micro_batches += 1
                     if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm or math.inf)
+                        max_norm = cfg.train.clip_grad_norm or math.inf  # inf: measure, don't clip
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
                         # DDP has averaged the gradients, so every rank sees the same norm and decides alike.
                         finite = not check_nonfinite or bool(torch.isfinite(grad_norm))
                         lr = lr_at(state.update, plan, cfg.schedule)
@@ -332,9 +334,11 @@ def _resume(
         accelerator.load_state(str(checkpoint))
     except (pickle.UnpicklingError, RuntimeError, OSError, KeyError) as error:
         # torch.load(weights_only=True) refuses pickled code; so do truncated or foreign files.
-        raise DistrainError(f"--resume {checkpoint}: cannot load checkpoint ({str(error).splitlines()[0][:200]})") from None
+        why = str(error).splitlines()[0][:200]
+        raise DistrainError(f"--resume {checkpoint}: cannot load checkpoint ({why})") from None
     if ema is not None:
-        ema.load_state_dict({"shadow": load_extra(checkpoint, "ema", accelerator.device), "n_updates": saved.ema_updates})
+        shadow = load_extra(checkpoint, "ema", accelerator.device)
+        ema.load_state_dict({"shadow": shadow, "n_updates": saved.ema_updates})
     if diffs:
         saved.batch_in_epoch = rescale_position(saved, fresh.plan)
     saved.config, saved.plan = fresh.config, fresh.plan
