@@ -63,20 +63,23 @@ def center_crop_box(width: int, height: int, resize: int, crop: int) -> Box:
     return (left, top, left + side_w, top + side_h)
 
 
-def crop_resize(img: Image.Image, box: Box, size: int) -> Image.Image:
+def crop_resize(img: Image.Image, box: Box, size: int, reduce: bool = True) -> Image.Image:
     """Decode ``img`` (opened, not yet loaded) reduced where possible, then crop ``box`` to size x size.
 
     ``draft`` asks libjpeg for the smallest DCT scale (1/2, 1/4, 1/8) at which the box still
     covers at least ``size`` pixels on both sides; the box is mapped to the reduced image.
+    ``reduce=False`` decodes at full size (the reference the reduced decode is tested against).
     """
     width, height = img.size
     bw, bh = box[2] - box[0], box[3] - box[1]
-    if img.format == "JPEG":
+    if reduce and img.format == "JPEG":
         need = max(size / bw, size / bh)
         img.draft("RGB", (math.ceil(width * need), math.ceil(height * need)))
-    sx, sy = img.size[0] / width, img.size[1] / height
+    # libjpeg scales by exactly 1/2^k, rounding the size up: map the box by 1/2^k, not by the ratio
+    # of the (rounded) sizes, or crops of widths that are not multiples of 2^k shift and stretch.
+    factor = 1.0 / 2 ** round(math.log2(width / img.size[0]))
     img = img.convert("RGB")
-    scaled = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+    scaled = tuple(c * factor for c in box)
     return img.resize((size, size), Image.BILINEAR, box=scaled)
 
 
