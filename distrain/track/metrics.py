@@ -51,9 +51,3 @@ def _wandb_run_id(run_dir: Path) -> str:
     if not path.exists():
         path.write_text(secrets.token_hex(4) + "\n")
     return path.read_text().strip()
-
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    """Every event of a run's ``metrics.jsonl``, in order."""
-    with (Path(run_dir) / "metrics.jsonl").open() as f:
-        return [json.loads(line) for line in f if line.strip()]

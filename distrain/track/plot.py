@@ -26,8 +26,8 @@ _DPI = 100
 def read_events(run_dir: str | Path) -> list[dict]:
     """The events of a run's ``metrics.jsonl``, skipping lines that are not JSON objects.
 
-    Unlike :func:`distrain.track.metrics.read_metrics` this tolerates an event cut short by a crash,
-    because a plot of the rest is still what the user wants; how many were skipped goes to stderr.
+    It tolerates an event cut short by a crash, because a plot of the rest is still what the user
+    wants; how many were skipped goes to stderr.
     The cut event has no newline, so a resumed run's first event lands on the same line; that event
     is recovered.
 
