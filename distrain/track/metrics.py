@@ -7,6 +7,7 @@ same values go to W&B (through Accelerate's tracker, which only rank 0 opens) at
 from __future__ import annotations
 
 import json
+import os
 import secrets
 from pathlib import Path
 
@@ -28,7 +29,8 @@ class MetricsLogger:
         self.accelerator = accelerator
         self.is_main = accelerator.is_main_process
         self.path = run_dir / "metrics.jsonl"
-        if cfg.logging.wandb:
+        # Rank 0 alone owns the W&B run (and its id file: other ranks must not race on it).
+        if cfg.logging.wandb and self.is_main:
             accelerator.init_trackers(
                 cfg.logging.project,
                 config=to_dict(cfg),
@@ -49,5 +51,7 @@ def _wandb_run_id(run_dir: Path) -> str:
     """The W&B run id of this run dir, created once, so a resumed run continues the same W&B run."""
     path = run_dir / "wandb_run_id"
     if not path.exists():
-        path.write_text(secrets.token_hex(4) + "\n")
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(secrets.token_hex(4) + "\n")
+        os.replace(tmp, path)
     return path.read_text().strip()
