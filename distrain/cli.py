@@ -25,11 +25,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from distrain.engine.standalone import evaluate_checkpoint
+    import dataclasses
 
-    metrics = evaluate_checkpoint(args.target, args.overrides)
-    if metrics is not None:
-        print(json.dumps(metrics) if args.json else _format_eval(metrics))
+    from distrain.engine.standalone import evaluate_checkpoint, format_sweep
+
+    resizes = None
+    if args.resize_sweep or args.resizes:
+        try:
+            resizes = [int(r) for r in args.resizes.split(",")] if args.resizes else []
+        except ValueError:
+            raise DistrainError(f"--resizes: expected comma-separated integers, got {args.resizes!r}") from None
+    result = evaluate_checkpoint(args.target, args.overrides, resizes)
+    if result is None:
+        return 0
+    if "sweep" in result:
+        text = format_sweep(result)
+        result = {**result, "sweep": dataclasses.asdict(result["sweep"])}
+    else:
+        text = _format_eval(result)
+    print(json.dumps(result) if args.json else text)
     return 0
 
 
@@ -47,11 +61,16 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     samples = cfg.data.train_samples or _indexed_train_samples(cfg)
     plan = make_plan(cfg, args.nodes * args.gpus_per_node, samples)
+    if args.png:
+        from distrain.track.schedule_plot import plot_schedules
+
+        drawn = plot_schedules(cfg, plan, args.png)
     if args.json:
         print(json.dumps(plan.as_dict(), indent=1))
         return 0
     rows = [
         ("processes", f"{args.nodes} node(s) x {args.gpus_per_node} = {plan.world_size}"),
+        *([("target global batch", cfg.batch.global_batch)] if cfg.batch.global_batch else []),
         ("per-device batch", plan.per_device),
         ("accumulation", plan.accumulation),
         ("global batch", plan.global_batch),
@@ -69,6 +88,26 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     ]
     if cfg.schedule.decay == "multistep":
         rows.append(("milestone updates", ", ".join(map(str, plan.milestone_updates)) + f" (x{cfg.schedule.gamma:g})"))
+    if cfg.progressive.start_size:
+        from distrain.tricks.progressive import train_size
+
+        sizes = [train_size(cfg, e) for e in range(plan.epochs)]
+        changes = [f"{s} px from epoch {e}" for e, s in enumerate(sizes) if e == 0 or s != sizes[e - 1]]
+        rows.append(("train resolution", ", ".join(changes)))
+    if cfg.ema.decay:
+        horizon = 1 / (1 - cfg.ema.decay)
+        rows.append(("EMA", f"decay {cfg.ema.decay:g} per update, every {cfg.ema.every} update(s): horizon ~{horizon:.0f} updates"))
+    if cfg.fixres.epochs:
+        from distrain.tricks.fixres import fixres_config
+
+        fixres = fixres_config(cfg)
+        fplan = make_plan(fixres, plan.world_size, samples)
+        what = (f"{fplan.total_updates} updates ({cfg.fixres.epochs} epochs) at {cfg.data.eval_resize}/"
+                f"{cfg.data.eval_crop} px, peak LR {fplan.peak_lr:g}, training the classifier and "
+                f"{cfg.fixres.adapt} norm layer(s)")
+        rows.append(("FixRes phase", what))
+    if args.png:
+        rows.append(("schedules PNG", drawn))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
@@ -140,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("target", help="a run dir (newest checkpoint) or a checkpoint dir")
     e.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. data.eval=other/shards")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    e.add_argument("--resize-sweep", action="store_true",
+                   help="evaluate several eval resizes (same crop): pick one on half of the eval set, report it "
+                        "on the other half")
+    e.add_argument("--resizes", metavar="R1,R2,...", help="the resizes to sweep (implies --resize-sweep; default: "
+                                                           "crop x 1.0 .. 1.28 and the configured resize)")
     e.set_defaults(func=_cmd_eval)
 
     pl = sub.add_parser("plan", help="show the batch maths of a recipe for a cluster shape (no GPU or data needed)")
@@ -148,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--nodes", type=int, default=1)
     pl.add_argument("--gpus-per-node", type=int, default=1, help="processes per node")
     pl.add_argument("--json", action="store_true")
+    pl.add_argument("--png", metavar="PATH", help="also draw the LR, resolution and EMA schedules to this PNG")
     pl.set_defaults(func=_cmd_plan)
 
     d = sub.add_parser("data", help="write webdataset shards with an index")

@@ -38,6 +38,10 @@ class DataConfig:
     train_samples: int = 0
     """Size of the training set for ``distrain plan`` without data; 0 reads the shard index."""
     train_crop: int = 224
+    """Training resolution (RandomResizedCrop output); progressive resizing changes it per epoch."""
+    train_resize: int = 0
+    """0 trains on RandomResizedCrop; > 0 trains on test-time preprocessing instead (shorter side to
+    this, centre crop ``train_crop``, flip), as the FixRes fine-tuning phase does."""
     eval_resize: int = 256
     eval_crop: int = 224
     scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
@@ -88,9 +92,12 @@ class ModelConfig:
 @dataclass
 class BatchConfig:
     per_device: int = 32
-    """Samples per device per micro-batch."""
+    """Samples per device per micro-batch; with ``global_batch`` set, the most a device may take."""
     accumulation: int = 1
-    """Micro-batches per optimizer update."""
+    """Micro-batches per optimizer update (ignored when ``global_batch`` is set)."""
+    global_batch: int = 0
+    """Target samples per update over all devices; > 0 derives per-device batch and accumulation
+    for whatever world size the run gets (the fewest micro-batches that fit ``per_device``)."""
 
 
 @dataclass
@@ -182,6 +189,34 @@ class MixConfig:
 
 
 @dataclass
+class ProgressiveConfig:
+    """Progressive resizing (Howard 2018; FFCV): the training resolution grows over the epochs."""
+
+    start_size: int = 0
+    """Training resolution up to ``start_epoch``; 0 disables progressive resizing."""
+    end_size: int = 0
+    """Resolution from ``end_epoch`` on (the final phase at full size); 0 means ``data.train_crop``."""
+    start_epoch: int = 0
+    end_epoch: int = 0
+    step: int = 32
+    """Resolutions in between are linearly interpolated and rounded to a multiple of this."""
+
+
+@dataclass
+class FixResConfig:
+    """FixRes fine-tuning (Touvron et al. 2019) after the main schedule, at the test resolution."""
+
+    epochs: int = 0
+    """Epochs of the phase; 0 skips it. It trains on test-time preprocessing (data.eval_resize,
+    data.eval_crop, flip) from the main run's exported model, into RUN_DIR/fixres."""
+    lr: float = 0.001
+    """Base LR of the phase at ``optim.base_batch`` (scaled like the main LR), cosine to 0."""
+    adapt: Literal["last", "all"] = "last"
+    """Norm layers trained with the classifier: the last one before pooling (the paper's choice) or
+    all; the other layers are frozen, their BN statistics included."""
+
+
+@dataclass
 class CheckpointConfig:
     every_epochs: int = 1
     keep_last: int = 2
@@ -236,6 +271,8 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     mix: MixConfig = field(default_factory=MixConfig)
+    progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
+    fixres: FixResConfig = field(default_factory=FixResConfig)
     preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
@@ -422,6 +459,13 @@ def _check_values(cfg: Config) -> None:
         "mix.mixup_alpha": cfg.mix.mixup_alpha,
         "mix.cutmix_alpha": cfg.mix.cutmix_alpha,
         "data.randaugment_ops": cfg.data.randaugment_ops,
+        "data.train_resize": cfg.data.train_resize,
+        "batch.global_batch": cfg.batch.global_batch,
+        "progressive.start_size": cfg.progressive.start_size,
+        "progressive.end_size": cfg.progressive.end_size,
+        "progressive.start_epoch": cfg.progressive.start_epoch,
+        "fixres.epochs": cfg.fixres.epochs,
+        "fixres.lr": cfg.fixres.lr,
     }
     for key, v in non_negative.items():
         if v < 0:
@@ -432,7 +476,7 @@ def _check_values(cfg: Config) -> None:
             raise DistrainError(f"{key}: a probability in [0, 1], got {p}")
     if not 0.0 <= cfg.ema.decay < 1.0:
         raise DistrainError(f"ema.decay: must be in [0, 1), got {cfg.ema.decay}")
-    if cfg.model.ghost_batch_size and cfg.batch.per_device % cfg.model.ghost_batch_size:
+    if cfg.model.ghost_batch_size and not cfg.batch.global_batch and cfg.batch.per_device % cfg.model.ghost_batch_size:
         raise DistrainError(
             f"model.ghost_batch_size: batch.per_device {cfg.batch.per_device} is not a multiple of "
             f"{cfg.model.ghost_batch_size}"
@@ -468,6 +512,19 @@ def _check_values(cfg: Config) -> None:
     check_model_name(cfg.model.name)
     if cfg.optim.nesterov and cfg.optim.momentum <= 0:
         raise DistrainError("optim.nesterov: needs optim.momentum > 0")
+    if cfg.data.train_resize and cfg.data.train_crop > cfg.data.train_resize:
+        raise DistrainError(
+            f"data.train_crop: {cfg.data.train_crop} is larger than data.train_resize {cfg.data.train_resize}"
+        )
+    pr = cfg.progressive
+    if pr.start_size:
+        if pr.step <= 0:
+            raise DistrainError(f"progressive.step: must be > 0, got {pr.step}")
+        if not pr.start_epoch <= pr.end_epoch <= cfg.schedule.epochs:
+            raise DistrainError(
+                f"progressive.end_epoch: need progressive.start_epoch {pr.start_epoch} <= end_epoch {pr.end_epoch} "
+                f"<= schedule.epochs {cfg.schedule.epochs}"
+            )
     if sorted(cfg.schedule.milestones) != cfg.schedule.milestones:
         raise DistrainError(f"schedule.milestones: must be increasing, got {cfg.schedule.milestones}")
 

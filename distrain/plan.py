@@ -76,30 +76,56 @@ def scale_lr(base_lr: float, global_batch: int, base_batch: int, rule: str) -> f
     return {"linear": base_lr * ratio, "sqrt": base_lr * math.sqrt(ratio), "none": base_lr}[rule]
 
 
+def resolve_batch(global_batch: int, max_per_device: int, world_size: int, multiple_of: int = 1) -> tuple[int, int]:
+    """Per-device batch and accumulation that make ``global_batch`` on ``world_size`` devices.
+
+    Picks the fewest micro-batches per update (accumulation) whose per-device batch fits in
+    ``max_per_device`` and is a multiple of ``multiple_of`` (the ghost batch size).
+
+    Raises:
+        DistrainError: no split gives exactly ``global_batch``.
+    """
+    if global_batch % world_size == 0:
+        per_rank = global_batch // world_size
+        for accumulation in range(max(1, math.ceil(per_rank / max_per_device)), per_rank + 1):
+            per_device, rest = divmod(per_rank, accumulation)
+            if not rest and per_device % multiple_of == 0:
+                return per_device, accumulation
+    ghost = f" in multiples of model.ghost_batch_size {multiple_of}" if multiple_of > 1 else ""
+    raise DistrainError(
+        f"batch.global_batch: {global_batch} cannot be split into {world_size} processes x equal micro-batches of "
+        f"at most batch.per_device={max_per_device}{ghost}"
+    )
+
+
 def make_plan(cfg: Config, world_size: int, train_samples: int) -> BatchPlan:
     """Resolve the batch maths of ``cfg`` on ``world_size`` processes for a training set size.
 
     Raises:
-        DistrainError: the global batch is larger than the training set.
+        DistrainError: the global batch is larger than the training set, or cannot be split.
     """
-    global_batch = cfg.batch.per_device * cfg.batch.accumulation * world_size
+    per_device, accumulation = cfg.batch.per_device, cfg.batch.accumulation
+    if cfg.batch.global_batch:
+        ghost = cfg.model.ghost_batch_size or 1
+        per_device, accumulation = resolve_batch(cfg.batch.global_batch, per_device, world_size, ghost)
+    global_batch = per_device * accumulation * world_size
     updates_per_epoch = train_samples // global_batch
     if updates_per_epoch == 0:
         raise DistrainError(
             f"batch.per_device x batch.accumulation x {world_size} processes = global batch {global_batch} "
             f"is larger than the {train_samples} training samples"
         )
-    repeat_layout(cfg.data.repeats, world_size, cfg.batch.per_device)
+    repeat_layout(cfg.data.repeats, world_size, per_device)
     s = cfg.schedule
     peak = scale_lr(cfg.optim.lr, global_batch, cfg.optim.base_batch, cfg.optim.scaling)
     return BatchPlan(
         world_size=world_size,
-        per_device=cfg.batch.per_device,
-        accumulation=cfg.batch.accumulation,
+        per_device=per_device,
+        accumulation=accumulation,
         global_batch=global_batch,
         train_samples=train_samples,
         updates_per_epoch=updates_per_epoch,
-        micro_batches_per_epoch=updates_per_epoch * cfg.batch.accumulation,
+        micro_batches_per_epoch=updates_per_epoch * accumulation,
         samples_per_epoch=updates_per_epoch * global_batch,
         repeats=cfg.data.repeats,
         unique_samples_per_epoch=updates_per_epoch * global_batch // cfg.data.repeats,

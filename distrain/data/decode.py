@@ -119,14 +119,17 @@ def train_sample(
     hflip: bool,
     rng: random.Random,
     policy: v2.Transform | None = None,
+    resize: int = 0,
 ) -> torch.Tensor:
     """RandomResizedCrop + optional horizontal flip + optional policy -> uint8 tensor (3, size, size).
 
     ``policy`` (from :func:`make_policy`) runs on the PIL image, where its ops are cheapest, and
-    draws from torch's global generator rather than ``rng``.
+    draws from torch's global generator rather than ``rng``. ``resize > 0`` replaces the random
+    crop by the test-time one (shorter side to ``resize``, centre crop ``size``): FixRes training.
     """
     img = open_image(data)
-    out = crop_resize(img, random_resized_crop_box(*img.size, scale, ratio, rng), size)
+    box = center_crop_box(*img.size, resize, size) if resize else random_resized_crop_box(*img.size, scale, ratio, rng)
+    out = crop_resize(img, box, size)
     if hflip and rng.random() < 0.5:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)
     if policy is not None:

@@ -38,6 +38,7 @@ sample to copy.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -75,6 +76,7 @@ class Augment:
         policy: Policy augmentation after crop + flip: one of ``decode.POLICIES``.
         randaugment_ops: RandAugment's number of ops per image.
         randaugment_magnitude: RandAugment's magnitude.
+        resize: > 0 crops as at test time instead (shorter side to ``resize``, centre crop ``size``).
     """
 
     size: int
@@ -84,6 +86,7 @@ class Augment:
     policy: str = "none"
     randaugment_ops: int = 2
     randaugment_magnitude: int = 9
+    resize: int = 0
 
 
 @dataclass(frozen=True)
@@ -265,6 +268,10 @@ class ShardStream(IterableDataset):
         """Make the next iteration yield epoch ``epoch`` from its batch ``skip_batches`` on."""
         self.epoch, self.skip_batches = epoch, skip_batches
 
+    def set_size(self, size: int) -> None:
+        """Make the next iteration's training batches ``size`` pixels square (progressive resizing)."""
+        self.augment = dataclasses.replace(self.augment, size=size)
+
     def __len__(self) -> int:
         return self.batches_per_epoch - self.skip_batches
 
@@ -304,7 +311,7 @@ class ShardStream(IterableDataset):
             with torch.random.fork_rng(devices=[]):
                 torch.default_generator.manual_seed(_batch_seed(*words, 1))
                 images, bad = _decode(
-                    chunk, lambda data: train_sample(data, a.size, a.scale, a.ratio, a.hflip, rng, policy)
+                    chunk, lambda data: train_sample(data, a.size, a.scale, a.ratio, a.hflip, rng, policy, a.resize)
                 )
             labels, keys = [s.label for s in chunk], [s.key for s in chunk]
             good = [(im, labels[i], keys[i]) for i, im in enumerate(images) if im is not None]

@@ -41,7 +41,9 @@ def default_wandb_mode() -> None:
 
 
 def build_accelerator(cfg: Config) -> Accelerator:
-    """The Accelerator for ``cfg``: devices, process group, precision, accumulation, tracker.
+    """The Accelerator for ``cfg``: devices, process group, precision, tracker.
+
+    Gradient accumulation is set later, from the batch plan (it may depend on the world size).
 
     Without CUDA it forces the CPU path (gloo), because Accelerate otherwise starts ranks that
     never join one group (shared/NOTES-cpu-distributed.md, trap 2).
@@ -60,7 +62,6 @@ def build_accelerator(cfg: Config) -> Accelerator:
     accelerator = Accelerator(
         cpu=not on_gpu,
         mixed_precision=resolve_precision(cfg.train.precision, on_gpu),
-        gradient_accumulation_steps=cfg.batch.accumulation,
         log_with="wandb" if cfg.logging.wandb else None,
         project_dir=str(cfg.out_dir),
         step_scheduler_with_optimizer=False,

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from torch import nn
 
 
@@ -62,3 +63,19 @@ def evaluate(
         "eval/samples": int(n),
         "eval/skipped": int(skipped),
     }
+
+
+@torch.no_grad()
+def sample_hits(
+    model: nn.Module, loader: Iterable[dict], to_device: Callable, accelerator: Accelerator
+) -> dict[str, bool]:
+    """Whether each real eval sample (by key) is classified right (top-1), gathered to every rank."""
+    was_training = model.training
+    model.eval()
+    mine: dict[str, bool] = {}
+    for batch in loader:
+        images, labels = to_device(batch)
+        right = (model(images).argmax(dim=1) == labels).tolist()
+        mine.update((k, r) for k, r, y in zip(batch["key"], right, batch["label"].tolist()) if y >= 0)
+    model.train(was_training)
+    return {k: v for part in gather_object([mine]) for k, v in part.items()}

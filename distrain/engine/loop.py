@@ -18,12 +18,13 @@ import os
 import pickle
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from distrain.config import Config, dump, to_dict
@@ -49,10 +50,12 @@ from distrain.track.checkpoint import (
     save_checkpoint,
 )
 from distrain.track.metrics import MetricsLogger
+from distrain.track.progress import Progress
 from distrain.tricks.ema import EMA
 from distrain.tricks.erasing import random_erasing
+from distrain.tricks.fixres import fixres_config, fixres_train_mode, freeze_for_fixres
 from distrain.tricks.mix import MixCut
-from distrain.track.progress import Progress
+from distrain.tricks.progressive import train_size
 
 
 class _Window:
@@ -81,6 +84,22 @@ def _start_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
         (run_dir / "config.yaml").write_text(dump(cfg))
     accelerator.wait_for_everyone()
     return run_dir
+
+
+@dataclass(frozen=True)
+class _Phase:
+    """A training phase: the main schedule, or the FixRes fine-tuning that follows it.
+
+    Attributes:
+        name: "" for the main phase, else the phase's name (its W&B key prefix and run subdir).
+        init_from: Weights to start from (the main run's export); the phase then trains only
+            what FixRes adapts.
+        step_offset: Updates done by earlier phases (W&B steps keep increasing across phases).
+    """
+
+    name: str = ""
+    init_from: Path | None = None
+    step_offset: int = 0
 
 
 def _injected_nan_updates(rank: int) -> set[int]:
@@ -112,8 +131,18 @@ def train(cfg: Config, resume: str | None = None, allow_config_change: bool = Fa
     """
     accelerator = build_accelerator(cfg)
     signals = StopSignals().install()
+    summaries = []
     try:
-        summary = _train(cfg, accelerator, signals, resume, allow_config_change)
+        fixres = fixres_config(cfg) if cfg.fixres.epochs else None
+        # A run resumed inside its FixRes phase has finished (and exported) its main phase.
+        if not (fixres and resume and checkpoint_dirs(fixres.out_dir)):
+            summaries.append(_train(cfg, accelerator, signals, resume, allow_config_change, _Phase()))
+        if fixres:
+            main_updates = summaries[0]["updates"] if summaries else load_trainer_state(
+                checkpoint_dirs(cfg.out_dir)[-1]).update
+            accelerator.free_memory()  # drop the main phase's prepared model and optimizer
+            phase = _Phase("fixres", cfg.out_dir / "model.safetensors", main_updates)
+            summaries.append(_train(fixres, accelerator, signals, resume and "auto", allow_config_change, phase))
     except Exception as error:
         ending = error
         if not isinstance(error, RunStopped) and accelerator.num_processes > 1 and is_peer_failure(error):
@@ -136,21 +165,35 @@ def train(cfg: Config, resume: str | None = None, allow_config_change: bool = Fa
     shutdown(accelerator)
     signals.restore()
     if accelerator.is_main_process:
-        print(_summary_line(summary), flush=True)  # last, after W&B's own closing lines
-    return summary
+        for summary in summaries:  # last, after W&B's own closing lines
+            print(_summary_line(summary), flush=True)
+    return summaries[-1]
 
 
-def _train(cfg: Config, accelerator: Accelerator, signals: StopSignals, resume: str | None, allow: bool) -> dict:
+def _train(
+    cfg: Config, accelerator: Accelerator, signals: StopSignals, resume: str | None, allow: bool, phase: _Phase
+) -> dict:
     run_dir = _start_run_dir(cfg, accelerator)
     set_seed(cfg.seed, deterministic=cfg.deterministic)
     prepare_builtin(cfg, accelerator)
     data = resolve_data(cfg)
     plan = make_plan(cfg, accelerator.num_processes, data.train.total)
+    accelerator.gradient_accumulation_steps = plan.accumulation
 
     model = build_model(cfg, data.num_classes)
+    adapted = None
+    if phase.init_from is not None:
+        model.load_state_dict(load_file(phase.init_from))
+        adapted = freeze_for_fixres(model, cfg.fixres.adapt)
     optimizer = create_optimizer(model, cfg.optim, lr_at(0, plan, cfg.schedule))
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
+
+    def train_mode() -> None:
+        if adapted is None:
+            model.train()
+        else:
+            fixres_train_mode(model, unwrapped, adapted)
     ema = EMA(unwrapped, cfg.ema.decay, cfg.ema.every, cfg.ema.warmup) if cfg.ema.decay else None
     # Label -1 marks a training batch the stream could not fill with any readable sample.
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing, ignore_index=PAD_LABEL)
@@ -169,11 +212,11 @@ def _train(cfg: Config, accelerator: Accelerator, signals: StopSignals, resume: 
     if data.eval is not None:
         rank, world = accelerator.process_index, accelerator.num_processes
         eval_loader = loader(cfg, eval_stream(cfg, data.eval, rank, world, data.num_classes))
-    logger = MetricsLogger(accelerator, cfg, run_dir)
+    logger = MetricsLogger(accelerator, cfg, run_dir, phase.name and phase.name + "/", phase.step_offset)
     last_update = min(plan.total_updates, cfg.train.max_updates or plan.total_updates)
     progress = Progress(last_update, state.update, enabled=accelerator.is_main_process and cfg.logging.progress)
     if accelerator.is_main_process:
-        progress.write(_plan_line(plan, cfg, run_dir, checkpoint))
+        progress.write(_plan_line(plan, cfg, run_dir, checkpoint, phase.name))
 
     started = time.perf_counter()
     eval_metrics: dict[str, float] = {}
@@ -199,10 +242,11 @@ def _train(cfg: Config, accelerator: Accelerator, signals: StopSignals, resume: 
                 metrics[key.replace("eval/", "eval/ema_")] = averaged[key]
         return metrics
 
-    model.train()
     try:
         while state.update < last_update:
+            train_mode()  # again after each eval, which leaves the model in eval mode
             stream.set_position(state.epoch, state.batch_in_epoch)
+            stream.set_size(train_size(cfg, state.epoch))
             for batch in loader(cfg, stream):
                 new_bad += batch["bad"]
                 images, targets = to_device(batch)
@@ -236,7 +280,7 @@ def _train(cfg: Config, accelerator: Accelerator, signals: StopSignals, resume: 
                     consecutive_skips += 1
                     if cfg.train.nonfinite == "stop" or consecutive_skips > cfg.train.max_consecutive_skips:
                         # The parameters are those before this update: save them with the position rewound.
-                        state.batch_in_epoch -= cfg.batch.accumulation
+                        state.batch_in_epoch -= plan.accumulation
                         path = save()
                         raise NonFiniteStop(
                             f"rank {accelerator.process_index}: non-finite gradient norm at update {state.update + 1} "
@@ -256,7 +300,7 @@ def _train(cfg: Config, accelerator: Accelerator, signals: StopSignals, resume: 
                     _check_bad_data(cfg, plan, state, agreed.bad_samples, new_bad)
                     new_bad, stop = [], agreed.stop_ranks > 0
                 if state.update % cfg.train.log_every == 0 or stop:
-                    values = _train_metrics(accelerator, window, plan, lr, grad_norm, state)
+                    values = _train_metrics(accelerator, window, plan, lr, grad_norm, state, stream.augment.size)
                     logger.log(state.update, state.epoch, values)
                     progress.update(
                         loss=f"{values['train/loss']:.4f}", lr=f"{lr:.4g}", img_s=f"{values['train/images_per_s']:.0f}"
@@ -297,6 +341,7 @@ def _train(cfg: Config, accelerator: Accelerator, signals: StopSignals, resume: 
         progress.close()
 
     summary = {
+        "phase": phase.name or "main",
         "run_dir": str(run_dir),
         "updates": state.update,
         "epoch": state.epoch,
@@ -387,7 +432,7 @@ def _preempt(cfg: Config, accelerator: Accelerator, state: TrainerState, signals
 
 def _train_metrics(
     accelerator: Accelerator, window: _Window, plan: BatchPlan, lr: float, grad_norm: torch.Tensor,
-    state: TrainerState,
+    state: TrainerState, resolution: int,
 ) -> dict[str, float]:
     """Window metrics averaged over ranks (one all-reduce, at the same update on every rank)."""
     mean_loss = (window.loss_sum / max(window.micro_batches, 1)).float()
@@ -397,12 +442,14 @@ def _train_metrics(
         "train/images_per_s": window.updates * plan.global_batch / window.elapsed(),
         "train/grad_norm": float(grad_norm),
         "train/skipped_updates": state.skipped_updates,
+        "train/resolution": resolution,
         "data/skipped": state.bad_samples,
     }
 
 
-def _plan_line(plan: BatchPlan, cfg: Config, run_dir: Path, checkpoint: Path | None) -> str:
+def _plan_line(plan: BatchPlan, cfg: Config, run_dir: Path, checkpoint: Path | None, phase: str) -> str:
     start = f"resuming from {checkpoint}" if checkpoint else "starting"
+    start += f" the {phase} phase" if phase else ""
     return (
         f"distrain: {start}: {plan.world_size} process(es) x {plan.per_device} x {plan.accumulation} accumulation "
         f"= global batch {plan.global_batch}; {plan.updates_per_epoch} updates/epoch x {plan.epochs} epochs; "
@@ -421,7 +468,8 @@ def _eval_line(state: TrainerState, m: dict[str, float]) -> str:
 def _summary_line(s: dict) -> str:
     top1 = f"eval top-1 {s['eval/top1']:.2f}% on {s['eval/samples']} samples" if "eval/top1" in s else "no eval set"
     skipped = f"; {s['data/skipped']} bad samples skipped" if s["data/skipped"] else ""
+    phase = "" if s["phase"] == "main" else f" {s['phase']} phase"
     return (
-        f"distrain: done: {s['updates']} updates, {s['epoch']} epochs in {s['seconds']:.0f}s; {top1}{skipped}; "
+        f"distrain: done{phase}: {s['updates']} updates, {s['epoch']} epochs in {s['seconds']:.0f}s; {top1}{skipped}; "
         f"run dir {s['run_dir']}"
     )

@@ -23,14 +23,20 @@ class MetricsLogger:
         accelerator: The run's Accelerator (its tracker is W&B when enabled).
         cfg: The resolved config (sent to W&B as the run config).
         run_dir: The run directory (holds ``metrics.jsonl``, ``wandb/`` and the W&B run id).
+        wandb_prefix: Prepended to W&B keys: a later phase (FixRes) logs into the W&B run that
+            the main phase opened, under its own keys.
+        step_offset: Added to W&B steps, which must keep increasing across phases.
     """
 
-    def __init__(self, accelerator: Accelerator, cfg: Config, run_dir: Path):
+    def __init__(
+        self, accelerator: Accelerator, cfg: Config, run_dir: Path, wandb_prefix: str = "", step_offset: int = 0
+    ):
         self.accelerator = accelerator
         self.is_main = accelerator.is_main_process
         self.path = run_dir / "metrics.jsonl"
+        self.prefix, self.offset = wandb_prefix, step_offset
         # Rank 0 alone owns the W&B run (and its id file: other ranks must not race on it).
-        if cfg.logging.wandb and self.is_main:
+        if cfg.logging.wandb and self.is_main and not accelerator.trackers:
             accelerator.init_trackers(
                 cfg.logging.project,
                 config=to_dict(cfg),
@@ -44,7 +50,7 @@ class MetricsLogger:
             return
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, "epoch": epoch, **values}) + "\n")
-        self.accelerator.log(values, step=step)
+        self.accelerator.log({self.prefix + k: v for k, v in values.items()}, step=self.offset + step)
 
 
 def _wandb_run_id(run_dir: Path) -> str:

@@ -13,13 +13,13 @@ class Progress:
     On a non-interactive stream (CI, SLURM logs) it redraws every 30 s instead of every 0.1 s.
     """
 
-    def __init__(self, total: int, done: int, enabled: bool):
+    def __init__(self, total: int, done: int, enabled: bool, unit: str = "upd"):
         interactive = sys.stderr.isatty()
         self.bar = tqdm(
             total=total,
             initial=done,
             disable=not enabled,
-            unit="upd",
+            unit=unit,
             dynamic_ncols=True,
             mininterval=0.1 if interactive else 30.0,
             file=sys.stderr,
