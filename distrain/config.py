@@ -211,9 +211,10 @@ class FixResConfig:
     data.eval_crop, flip) from the main run's exported model, into RUN_DIR/fixres."""
     lr: float = 0.001
     """Base LR of the phase at ``optim.base_batch`` (scaled like the main LR), cosine to 0."""
-    adapt: Literal["last", "all"] = "last"
-    """Norm layers trained with the classifier: the last one before pooling (the paper's choice) or
-    all; the other layers are frozen, their BN statistics included."""
+    adapt: Literal["last", "stats", "all"] = "last"
+    """Norm layers trained with the classifier: the last one before pooling (the paper's text), only
+    that layer's BN statistics (the official code), or all; the other layers are frozen, their BN
+    statistics included."""
 
 
 @dataclass

@@ -11,7 +11,7 @@ from distrain.cli import main
 from distrain.config import from_dict
 from distrain.errors import DistrainError
 from distrain.optim.schedule import lr_at
-from distrain.plan import BatchPlan, make_plan, scale_lr
+from distrain.plan import BatchPlan, make_plan, resolve_batch, scale_lr
 
 IMAGENET_TRAIN = 1_281_167
 
@@ -303,3 +303,79 @@ def test_torchvision_sota_recipe_file_plans_its_numbers(capsys):
     assert (plan["global_batch"], plan["updates_per_epoch"], plan["total_updates"]) == (1024, 1251, 750600)
     assert plan["peak_lr"] == pytest.approx(0.5) and plan["warmup_start_lr"] == pytest.approx(0.005)
     assert plan["warmup_updates"] == 6255 and plan["repeats"] == 4 and plan["unique_samples_per_epoch"] == 320256
+
+
+# --- a target global batch on any cluster shape ------------------------------------------------------
+
+
+@pytest.mark.parametrize("target, max_per_device, world, ghost, expected", [
+    (8192, 32, 256, 1, (32, 1)),   # Goyal's 32 nodes x 8 GPUs
+    (8192, 32, 32, 1, (32, 8)),    # 4 nodes: accumulate 8 micro-batches
+    (8192, 32, 512, 1, (16, 1)),   # 64 nodes: smaller per-GPU batches
+    (1024, 48, 8, 1, (32, 4)),     # 128 per rank does not fit 48: 3 does not divide 128, 4 does
+    (1024, 48, 8, 16, (32, 4)),
+    (1000, 64, 4, 1, (50, 5)),
+])
+def test_resolve_batch(target, max_per_device, world, ghost, expected):
+    per_device, accumulation = resolve_batch(target, max_per_device, world, ghost)
+    assert (per_device, accumulation) == expected
+    assert per_device * accumulation * world == target and per_device <= max_per_device
+    assert per_device % ghost == 0
+
+
+@pytest.mark.parametrize("target, max_per_device, world, ghost", [(1000, 64, 3, 1), (96, 32, 2, 32)])
+def test_resolve_batch_impossible_names_the_key(target, max_per_device, world, ghost):
+    with pytest.raises(DistrainError, match="batch.global_batch"):
+        resolve_batch(target, max_per_device, world, ghost)
+
+
+@pytest.mark.parametrize("nodes, expected", [(32, (32, 1)), (4, (32, 8)), (64, (16, 1))])
+def test_goyal_recipe_keeps_8k_on_any_shape(capsys, nodes, expected):
+    from conftest import REPO
+
+    recipe_path = REPO / "configs" / "imagenet" / "resnet50_goyal_8k.yaml"
+    assert main(["plan", str(recipe_path), "--nodes", str(nodes), "--gpus-per-node", "8", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert (plan["per_device"], plan["accumulation"]) == expected
+    assert (plan["global_batch"], plan["total_updates"], plan["milestone_updates"]) == (8192, 14040, [4680, 9360, 12480])
+
+
+def test_fixres_recipe_file_plans_its_numbers(capsys):
+    from conftest import REPO
+
+    recipe_path = REPO / "configs" / "imagenet" / "resnet50_fixres.yaml"
+    assert main(["plan", str(recipe_path), "--nodes", "1", "--gpus-per-node", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "450360" in out and "150120, 300240" in out
+    assert "280224 updates (56 epochs) at 438/384 px, peak LR 0.004" in out
+
+
+def test_schedules_follow_the_loop_functions():
+    from distrain.tricks.ema import ema_decay
+    from distrain.tricks.progressive import train_size
+    from distrain.track.schedule_plot import schedules
+
+    cfg = cfg_with(schedule={"epochs": 10, "warmup_epochs": 2, "decay": "cosine"}, batch={"per_device": 10},
+                   progressive={"start_size": 128, "start_epoch": 2, "end_epoch": 6},
+                   ema={"decay": 0.99, "every": 4}, fixres={"epochs": 2, "lr": 0.01})
+    plan = make_plan(cfg, 2, 1000)  # 50 updates per epoch
+    s = schedules(cfg, plan)
+    assert s.phase_starts == [0, 500] and s.update == list(range(600))
+    assert s.lr[:500] == [lr_at(u, plan, cfg.schedule) for u in range(500)]
+    assert s.resolution[:500] == [train_size(cfg, u // 50) for u in range(500)]
+    assert s.resolution[500:] == [224] * 100 and s.lr[500] == pytest.approx(0.01 * 20 / 256)
+    assert s.ema_decay[9] == pytest.approx(ema_decay(0.99, 4, 2, True) ** 0.25)
+    assert all(math.isnan(d) for d in s.ema_decay[500:])
+
+
+def test_cli_plan_png(tmp_path, capsys):
+    from conftest import REPO
+    from PIL import Image
+
+    recipe_path = REPO / "configs" / "cifar10" / "short_full_recipe.yaml"
+    png = tmp_path / "plan.png"
+    assert main(["plan", str(recipe_path), "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "24 px from epoch 0, 28 px from epoch 2" in out and "FixRes phase" in out and str(png) in out
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.size[0] > 400 and im.size[1] > 400

@@ -43,7 +43,8 @@ def freeze_for_fixres(model: nn.Module, adapt: str) -> list[nn.Module]:
     Args:
         model: The unwrapped model.
         adapt: ``"last"``: the last norm layer in module order (the one before pooling in ResNets);
-            ``"all"``: every norm layer.
+            ``"stats"``: that layer re-estimates its statistics but its affine parameters stay
+            frozen (the official FixRes code); ``"all"``: every norm layer.
 
     Returns:
         The adapted norm layers, which alone stay in training mode (see :func:`fixres_train_mode`).
@@ -55,9 +56,9 @@ def freeze_for_fixres(model: nn.Module, adapt: str) -> list[nn.Module]:
     if not linears:
         raise DistrainError(f"fixres.epochs: {type(model).__name__} has no nn.Linear classifier to fine-tune")
     norms = [m for m in model.modules() if isinstance(m, NORMS)]
-    adapted = norms[-1:] if adapt == "last" else norms
+    adapted = norms if adapt == "all" else norms[-1:]
     model.requires_grad_(False)
-    for module in [linears[-1], *adapted]:
+    for module in [linears[-1], *(adapted if adapt != "stats" else [])]:
         module.requires_grad_(True)
     return adapted
 
