@@ -67,6 +67,8 @@ def test_eval_resize_sweep_command(tmp_path, digits):
         assert both == pytest.approx(full["eval/top1"], abs=1e-6)
     best_a = max(resizes, key=lambda r: (sweep["top1_a"][str(r)], -r))
     assert sweep["picked"] == best_a
+    two = checked(distrain(["eval", "run", "--resizes", "16,18,20", "--json"], cwd=tmp_path, nproc=2))
+    assert json.loads(two.stdout.strip().splitlines()[-1])["sweep"] == sweep  # the same on 2 ranks
     text = checked(distrain(["eval", "run", "--resize-sweep"], cwd=tmp_path)).stdout
     assert "picked eval resize" in text and "on half B" in text and "<- picked" in text
     bad = distrain(["eval", "run", "--resizes", "8,16"], cwd=tmp_path)
