@@ -1,4 +1,4 @@
-"""The ``distrain`` command: train, eval, plan, data, plot.
+"""The ``distrain`` command: train, launch, eval, export, plan, data, plot.
 
 User mistakes (a :class:`DistrainError`) print one line ``distrain: error: ...`` and a run that
 stops on purpose (:class:`RunStopped`) one line ``distrain: stopped: ...``, each with its exit code
@@ -9,12 +9,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from distrain.errors import DistrainError, RunStopped
 
 
+def _quiet_cpu_deepspeed() -> None:
+    """Name DeepSpeed's accelerator on a machine without CUDA, which it otherwise announces on import."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
+    _quiet_cpu_deepspeed()
     from distrain.config import load_config
 
     cfg = load_config(args.config, args.overrides)
@@ -27,6 +37,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import dataclasses
 
+    _quiet_cpu_deepspeed()
     from distrain.engine.standalone import evaluate_checkpoint, format_sweep
 
     resizes = None
@@ -44,6 +55,33 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     else:
         text = _format_eval(result)
     print(json.dumps(result) if args.json else text)
+    return 0
+
+
+def _cmd_launch(args: argparse.Namespace) -> int:
+    from distrain.config import load_config
+    from distrain.launch import LaunchSpec, launch_command, shown
+
+    overrides = list(args.overrides)
+    if args.backend:
+        overrides.append(f"distributed.backend={args.backend}")
+    if args.zero_stage:
+        overrides.append(f"distributed.zero_stage={args.zero_stage}")
+    load_config(args.config, overrides)  # a bad key fails here, before any process starts
+    spec = LaunchSpec(args.nproc_per_node, args.nodes, args.node_rank, args.master_addr, args.master_port)
+    if not 0 <= spec.node_rank < spec.nodes:
+        raise DistrainError(f"--node-rank: {spec.node_rank} is not in [0, --nodes {spec.nodes})")
+    cmd = launch_command(spec, args.config, overrides)
+    print(f"distrain: launch: {shown(cmd)}", file=sys.stderr, flush=True)
+    if args.dry_run:
+        return 0
+    os.execvp(cmd[0], cmd)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from distrain.engine.standalone import export_checkpoint
+
+    print(f"exported: {export_checkpoint(args.target, args.out)}")
     return 0
 
 
@@ -185,6 +223,26 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--resizes", metavar="R1,R2,...", help="the resizes to sweep (implies --resize-sweep; default: "
                                                            "crop x 1.0 .. 1.28 and the configured resize)")
     e.set_defaults(func=_cmd_eval)
+
+    la = sub.add_parser("launch", help="start `distrain train` on N processes per node (and M nodes) through "
+                                       "accelerate launch, printing the exact command")
+    la.add_argument("config")
+    la.add_argument("overrides", nargs="*")
+    la.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) per node")
+    la.add_argument("--nodes", type=int, default=1)
+    la.add_argument("--node-rank", type=int, default=0, help="this node's index")
+    la.add_argument("--master-addr", default="127.0.0.1", help="address of node 0")
+    la.add_argument("--master-port", type=int, default=29500)
+    la.add_argument("--backend", choices=["ddp", "deepspeed"], help="overrides distributed.backend")
+    la.add_argument("--zero-stage", type=int, choices=[1, 2, 3], help="overrides distributed.zero_stage")
+    la.add_argument("--dry-run", action="store_true", help="print the command without running it")
+    la.set_defaults(func=_cmd_launch)
+
+    x = sub.add_parser("export", help="write a checkpoint's model weights (DeepSpeed ZeRO partitions merged) "
+                                      "as one fp32 state dict for plain PyTorch")
+    x.add_argument("target", help="a run dir (newest checkpoint) or a checkpoint dir")
+    x.add_argument("--out", required=True, help="output file: .safetensors, or anything else for torch.save")
+    x.set_defaults(func=_cmd_export)
 
     pl = sub.add_parser("plan", help="show the batch maths of a recipe for a cluster shape (no GPU or data needed)")
     pl.add_argument("config")

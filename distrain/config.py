@@ -245,9 +245,20 @@ class PreemptionConfig:
 
 @dataclass
 class DistributedConfig:
-    backend: Literal["ddp"] = "ddp"
+    backend: Literal["ddp", "deepspeed"] = "ddp"
+    """ddp: PyTorch DistributedDataParallel; deepspeed: DeepSpeed ZeRO through Accelerate (an
+    Accelerate DeepSpeed launch config selects it too)."""
     timeout_s: int = 1800
     """Process-group timeout: a dead or stuck rank fails the job after this long instead of hanging."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage: 1 partitions optimizer state, 2 also gradients, 3 also parameters."""
+    offload_optimizer: bool = False
+    """DeepSpeed: keep optimizer state (and its step) in CPU memory."""
+    offload_params: bool = False
+    """DeepSpeed ZeRO-3: keep parameters in CPU memory between uses."""
+    deepspeed_config: str = ""
+    """A DeepSpeed JSON to start from: distrain fills its "auto" values from the recipe and refuses
+    values that contradict it; its other settings (buckets, thresholds, ...) are kept."""
 
 
 @dataclass
@@ -526,6 +537,17 @@ def _check_values(cfg: Config) -> None:
                 f"progressive.end_epoch: need progressive.start_epoch {pr.start_epoch} <= end_epoch {pr.end_epoch} "
                 f"<= schedule.epochs {cfg.schedule.epochs}"
             )
+    if cfg.distributed.backend == "deepspeed" and cfg.optim.name in ("lars", "lamb"):
+        raise DistrainError(
+            f"optim.name: {cfg.optim.name} computes a trust ratio per layer, but DeepSpeed ZeRO (distributed.backend) "
+            "hands the optimizer flattened partitions of many layers; use ddp, or sgd/adamw"
+        )
+    if cfg.distributed.zero_stage not in (1, 2, 3):
+        raise DistrainError(f"distributed.zero_stage: must be 1, 2 or 3, got {cfg.distributed.zero_stage}")
+    if cfg.distributed.offload_params and cfg.distributed.zero_stage != 3:
+        raise DistrainError("distributed.offload_params: needs distributed.zero_stage 3")
+    if cfg.distributed.deepspeed_config and not Path(cfg.distributed.deepspeed_config).is_file():
+        raise DistrainError(f"distributed.deepspeed_config: no such file {cfg.distributed.deepspeed_config}")
     if sorted(cfg.schedule.milestones) != cfg.schedule.milestones:
         raise DistrainError(f"schedule.milestones: must be increasing, got {cfg.schedule.milestones}")
 

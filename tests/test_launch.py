@@ -44,3 +44,31 @@ def test_accelerate_launch_two_cpu_ranks(tmp_path, digits, launch):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["updates"] == 4
     assert summary["replica_fingerprints"][0] == summary["replica_fingerprints"][1]
+
+
+def test_launch_command_single_and_multi_node():
+    from distrain.launch import LaunchSpec, launch_command
+
+    one = launch_command(LaunchSpec(), "r.yaml", ["a.b=1"], python="py")
+    assert one[:3] == ["py", "-m", "accelerate.commands.launch"] and "--multi_gpu" not in one
+    assert one[-5:] == ["-m", "distrain", "train", "r.yaml", "a.b=1"]
+    multi = launch_command(LaunchSpec(8, 4, 2, "10.0.0.1", 29123), "r.yaml", [], python="py")
+    flags = dict(zip(multi[3::1], multi[4::1]))
+    assert "--multi_gpu" in multi
+    assert (flags["--num_processes"], flags["--num_machines"], flags["--machine_rank"]) == ("32", "4", "2")
+    assert (flags["--main_process_ip"], flags["--main_process_port"]) == ("10.0.0.1", "29123")
+
+
+def test_launch_checks_the_recipe_before_starting(tmp_path, digits):
+    from conftest import distrain
+
+    cfg = recipe(tmp_path, digits)
+    bad = distrain(["launch", cfg, "--nproc-per-node", "2", "optim.lrr=1"], cwd=tmp_path)
+    assert bad.returncode == 2 and "unknown config key optim.lrr (did you mean optim.lr?)" in bad.stderr
+    assert "launch:" not in bad.stderr
+    dry = checked(distrain(["launch", cfg, "--nproc-per-node", "2", "--backend", "deepspeed", "--zero-stage", "3",
+                            "--dry-run"], cwd=tmp_path))
+    assert "accelerate.commands.launch --multi_gpu" in dry.stderr
+    assert dry.stderr.rstrip().endswith("distributed.backend=deepspeed distributed.zero_stage=3")
+    lars = distrain(["launch", cfg, "--backend", "deepspeed", "optim.name=lars", "--dry-run"], cwd=tmp_path)
+    assert lars.returncode == 2 and "optim.name: lars computes a trust ratio per layer" in lars.stderr

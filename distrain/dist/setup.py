@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs
+from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
 from distrain.config import Config
+from distrain.dist.deepspeed import deepspeed_config, gathered, uses_deepspeed
 from distrain.errors import DistrainError
 
 
@@ -59,14 +61,29 @@ def build_accelerator(cfg: Config) -> Accelerator:
     torch.backends.cudnn.benchmark = on_gpu and not cfg.deterministic
     if cfg.logging.wandb:
         default_wandb_mode()
+    precision = resolve_precision(cfg.train.precision, on_gpu)
+    timeout = timedelta(seconds=cfg.distributed.timeout_s)
+    plugin = None
+    if uses_deepspeed(cfg):
+        # torch 2.14 deprecates collectives DeepSpeed calls; the warning says nothing to a user.
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+        # The batch fields stay "auto" here; the loop fills them from the plan before prepare.
+        config = deepspeed_config(cfg, precision)
+        # That config has consumed an Accelerate DeepSpeed launch config's fields (stage, offload),
+        # which Accelerate would otherwise refuse next to a full DeepSpeed config.
+        os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
+        plugin = DeepSpeedPlugin(hf_ds_config=config)
     accelerator = Accelerator(
-        cpu=not on_gpu,
-        mixed_precision=resolve_precision(cfg.train.precision, on_gpu),
+        # cpu=True would switch the DeepSpeed path off; without it a CPU DeepSpeed run needs gloo
+        # named explicitly, or every rank believes it is alone (NOTES-cpu-distributed, trap 3).
+        cpu=not on_gpu and plugin is None,
+        deepspeed_plugin=plugin,
+        mixed_precision=precision,
         log_with="wandb" if cfg.logging.wandb else None,
         project_dir=str(cfg.out_dir),
         step_scheduler_with_optimizer=False,
         dynamo_backend="inductor" if cfg.model.compile else "no",
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.distributed.timeout_s))],
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo" if plugin and not on_gpu else "nccl", timeout=timeout)],
     )
     check_world_size(int(os.environ.get("WORLD_SIZE", "1")), accelerator.num_processes)
     return accelerator
@@ -97,11 +114,12 @@ def replica_fingerprints(
     Data-parallel replicas must hold bit-identical parameters (and EMA weights); differing
     fingerprints reveal a rank that skipped an update or a non-replicated change.
     """
-    params = [p.detach().double() for p in accelerator.unwrap_model(model).parameters()]
+    unwrapped = accelerator.unwrap_model(model)
+    with gathered(unwrapped):  # ZeRO-3: compare whole parameters, not each rank's slice
+        params = [p.detach().double() for p in unwrapped.parameters()]
     params += [t.detach().double() for t in extra]
     local = torch.stack([sum(p.sum() for p in params), sum((p * p).sum() for p in params)])
-    gathered = accelerator.gather(local.to(accelerator.device).unsqueeze(0))
-    return gathered.cpu().tolist()
+    return accelerator.gather(local.to(accelerator.device).unsqueeze(0)).cpu().tolist()
 
 
 def shutdown(accelerator: Accelerator) -> None:
@@ -113,3 +131,15 @@ def shutdown(accelerator: Accelerator) -> None:
     """
     accelerator.free_memory()
     accelerator.end_training()
+
+
+@torch.no_grad()
+def sync_buffers(model: torch.nn.Module, accelerator: Accelerator) -> None:
+    """Give every rank rank 0's buffers (BN running statistics), as DDP does before each forward.
+
+    DeepSpeed does not synchronise buffers, so without this each rank would evaluate, and the
+    ranks would diverge, on statistics of its own batches only.
+    """
+    if accelerator.num_processes > 1:
+        for buffer in accelerator.unwrap_model(model).buffers():
+            torch.distributed.broadcast(buffer, src=0)

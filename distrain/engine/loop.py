@@ -12,8 +12,8 @@ non-finite gradient under the ``stop`` policy, or a lost peer.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
 import os
 import pickle
 import sys
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import gather_object, set_seed
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -31,10 +32,12 @@ from distrain.config import Config, dump, to_dict
 from distrain.data.device import ToDevice
 from distrain.data.stream import PAD_LABEL
 from distrain.dist import build_accelerator
-from distrain.dist.setup import replica_fingerprints, shutdown
+from distrain.dist.deepspeed import fill_deepspeed_batch, is_partitioned
+from distrain.dist.setup import replica_fingerprints, shutdown, sync_buffers
 from distrain.dist.signals import StopSignals, agree, is_peer_failure, requeue_slurm_job
 from distrain.engine.build import build_model, eval_stream, loader, prepare_builtin, resolve_data, train_stream
 from distrain.engine.evaluate import evaluate
+from distrain.engine.step import finish_update
 from distrain.errors import BadDataError, DistrainError, NonFiniteStop, PeerLost, Preempted, RunStopped
 from distrain.optim import create_optimizer, lr_at
 from distrain.plan import BatchPlan, make_plan
@@ -179,6 +182,8 @@ def _train(
     data = resolve_data(cfg)
     plan = make_plan(cfg, accelerator.num_processes, data.train.total)
     accelerator.gradient_accumulation_steps = plan.accumulation
+    if accelerator.state.deepspeed_plugin is not None:
+        fill_deepspeed_batch(cfg, accelerator, plan)
 
     model = build_model(cfg, data.num_classes)
     adapted = None
@@ -205,7 +210,7 @@ def _train(
     state = TrainerState(config=to_dict(cfg), plan=plan.as_dict())
     checkpoint = resolve_resume(resume, run_dir) if resume else None
     if checkpoint is not None:
-        state = _resume(accelerator, checkpoint, state, allow, ema)
+        state = _resume(accelerator, checkpoint, state, allow, ema, is_partitioned(unwrapped))
 
     stream = train_stream(cfg, data, plan, accelerator)
     eval_loader = None
@@ -231,9 +236,11 @@ def _train(
         extras = {}
         if ema is not None:
             state.ema_updates, extras["ema"] = ema.n_updates, ema.shadow
-        return save_checkpoint(accelerator, run_dir, state, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best, extras)
+        return save_checkpoint(accelerator, run_dir, state, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best, extras,
+                               per_rank=is_partitioned(unwrapped))
 
     def run_eval() -> dict[str, float]:
+        sync_buffers(model, accelerator)
         metrics = evaluate(model, eval_loader, to_device, accelerator)
         if ema is not None:
             with ema.swapped(unwrapped):
@@ -258,21 +265,18 @@ def _train(
                     loss = loss_fn(model(images), targets)
                     if state.update + 1 in nan_updates:
                         loss = loss * float("nan")
+                    if accelerator.sync_gradients:  # before backward: DeepSpeed steps inside it
+                        lr = lr_at(state.update, plan, cfg.schedule)
+                        _set_lr(optimizer, lr)
                     accelerator.backward(loss)
                     state.batch_in_epoch += 1
                     window.loss_sum += loss.detach()  # stays on the device: no host sync per step
                     window.micro_batches += 1
                     if accelerator.sync_gradients:
-                        max_norm = cfg.train.clip_grad_norm or math.inf  # inf: measure, don't clip
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-                        # DDP has averaged the gradients, so every rank sees the same norm and decides alike.
-                        finite = not check_nonfinite or bool(torch.isfinite(grad_norm))
-                        lr = lr_at(state.update, plan, cfg.schedule)
-                        if finite:
-                            _set_lr(optimizer, lr)
-                            optimizer.step()
-                            consecutive_skips = 0
-                        optimizer.zero_grad(set_to_none=True)
+                        grad_norm, finite = finish_update(
+                            accelerator, model, optimizer, cfg.train.clip_grad_norm, check_nonfinite
+                        )
+                        consecutive_skips = 0 if finite else consecutive_skips
                 if not accelerator.sync_gradients:
                     continue
 
@@ -330,13 +334,21 @@ def _train(
             logger.log(state.update, state.epoch, eval_metrics)
         if saved_at != state.update:
             save()
+        sync_buffers(model, accelerator)
+        # Whole weights on every rank's call (a gather under ZeRO-3); rank 0 writes them.
+        with ema.swapped(unwrapped) if ema is not None and cfg.ema.export else contextlib.nullcontext():
+            # Copies, taken inside the block: DDP's state dict holds the live tensors that the swap
+            # restores. Under ZeRO-3 only rank 0 receives the gathered weights (others get None).
+            export = {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.cpu().clone()
+                      for k, v in (accelerator.get_state_dict(model) or {}).items()}
         if accelerator.is_main_process:
-            export = ema.shadow if ema is not None and cfg.ema.export else unwrapped.state_dict()
-            save_file({k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.cpu()
-                       for k, v in export.items()}, run_dir / "model.safetensors")
+            save_file(export, run_dir / "model.safetensors")
+        del export
         # Buffers (BN running stats) are per rank between DDP's broadcasts, so only weights are compared.
-        averaged = [ema.shadow[name] for name, _ in unwrapped.named_parameters()] if ema is not None else []
-        fingerprints = replica_fingerprints(model, accelerator, averaged)
+        fingerprints = replica_fingerprints(model, accelerator)
+        if ema is not None:
+            with ema.swapped(unwrapped):
+                fingerprints = [a + b for a, b in zip(fingerprints, replica_fingerprints(model, accelerator))]
     finally:
         progress.close()
 
@@ -361,7 +373,7 @@ def _train(
 
 
 def _resume(
-    accelerator: Accelerator, checkpoint: Path, fresh: TrainerState, allow: bool, ema: EMA | None
+    accelerator: Accelerator, checkpoint: Path, fresh: TrainerState, allow: bool, ema: EMA | None, partitioned: bool
 ) -> TrainerState:
     """Load a checkpoint into the prepared model/optimizer and return the position to continue from.
 
@@ -382,7 +394,8 @@ def _resume(
         why = str(error).splitlines()[0][:200]
         raise DistrainError(f"--resume {checkpoint}: cannot load checkpoint ({why})") from None
     if ema is not None:
-        shadow = load_extra(checkpoint, "ema", accelerator.device)
+        rank = accelerator.process_index if partitioned else None  # ZeRO-3: each rank's own slice
+        shadow = load_extra(checkpoint, "ema", accelerator.device, rank)
         ema.load_state_dict({"shadow": shadow, "n_updates": saved.ema_updates})
     if diffs:
         saved.batch_in_epoch = rescale_position(saved, fresh.plan)
@@ -450,10 +463,12 @@ def _train_metrics(
 def _plan_line(plan: BatchPlan, cfg: Config, run_dir: Path, checkpoint: Path | None, phase: str) -> str:
     start = f"resuming from {checkpoint}" if checkpoint else "starting"
     start += f" the {phase} phase" if phase else ""
+    ds = AcceleratorState().deepspeed_plugin
+    backend = f"DeepSpeed ZeRO-{ds.zero_stage}" if ds is not None else "DDP"
     return (
         f"distrain: {start}: {plan.world_size} process(es) x {plan.per_device} x {plan.accumulation} accumulation "
         f"= global batch {plan.global_batch}; {plan.updates_per_epoch} updates/epoch x {plan.epochs} epochs; "
-        f"peak LR {plan.peak_lr:.4g}; model {cfg.model.name}; run dir {run_dir}"
+        f"peak LR {plan.peak_lr:.4g}; model {cfg.model.name}; {backend}; run dir {run_dir}"
     )
 
 

@@ -6,11 +6,13 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from safetensors.torch import load_file
+import torch
+from safetensors.torch import load_file, save_file
 
 from distrain.config import Config, apply_overrides, from_dict
 from distrain.data.device import ToDevice
 from distrain.dist import build_accelerator
+from distrain.dist.deepspeed import consolidated_state_dict
 from distrain.dist.setup import shutdown
 from distrain.engine.build import build_model, eval_stream, loader, resolve_data
 from distrain.engine.evaluate import evaluate, sample_hits
@@ -28,10 +30,42 @@ def _checkpoint_config(target: str, overrides: list[str]) -> tuple[Path, Config]
         raise DistrainError(f"{target}: no such run dir or checkpoint")
     checkpoint = resolve_resume(target, Path(target))
     saved = load_trainer_state(checkpoint).config
-    cfg = from_dict(apply_overrides(saved, ["logging.wandb=false", "logging.progress=false", *overrides]))
+    # Plain PyTorch (DDP) whatever the run used: the weights are consolidated on load.
+    fixed = ["logging.wandb=false", "logging.progress=false", "distributed.backend=ddp", "distributed.deepspeed_config="]
+    cfg = from_dict(apply_overrides(saved, [*fixed, *overrides]))
     if not cfg.data.eval:
         raise DistrainError("data.eval: the checkpoint's config has no eval shards; pass data.eval=PATH")
     return checkpoint, cfg
+
+
+def model_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The fp32 model weights of a checkpoint: saved whole (DDP), or merged from the ranks' ZeRO
+    partitions (DeepSpeed)."""
+    if (checkpoint / MODEL_FILE).is_file():
+        return load_file(checkpoint / MODEL_FILE)
+    return consolidated_state_dict(checkpoint)
+
+
+def export_checkpoint(target: str, out: str) -> Path:
+    """Write the model weights of a run dir's newest checkpoint (or of ``target`` itself) to ``out``.
+
+    ``.safetensors`` is written as safetensors, anything else with ``torch.save``; either loads into
+    the model with ``load_state_dict`` in plain PyTorch on one process.
+
+    Raises:
+        DistrainError: no such run dir or checkpoint.
+    """
+    if not Path(target).exists():
+        raise DistrainError(f"{target}: no such run dir or checkpoint")
+    checkpoint = resolve_resume(target, Path(target))
+    weights = {k: v.contiguous() for k, v in model_weights(checkpoint).items()}
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        save_file(weights, path)
+    else:
+        torch.save(weights, path)
+    return path
 
 
 def evaluate_checkpoint(target: str, overrides: list[str], resizes: list[int] | None = None) -> dict | None:
@@ -61,7 +95,7 @@ def evaluate_checkpoint(target: str, overrides: list[str], resizes: list[int] | 
     accelerator = build_accelerator(cfg)
     data = resolve_data(cfg)
     model = build_model(cfg, data.num_classes)
-    model.load_state_dict(load_file(checkpoint / MODEL_FILE))
+    model.load_state_dict(model_weights(checkpoint))
     model = accelerator.prepare(model)
     to_device = ToDevice(cfg.data.mean, cfg.data.std, accelerator.device, cfg.model.channels_last)
     rank, world = accelerator.process_index, accelerator.num_processes

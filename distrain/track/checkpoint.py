@@ -111,12 +111,15 @@ def save_checkpoint(
     keep_last: int,
     keep_best: bool,
     extras: dict[str, dict[str, torch.Tensor]] | None = None,
+    per_rank: bool = False,
 ) -> Path:
     """Save the full training state; every rank must call this at the same point.
 
     Keeps the newest ``keep_last`` checkpoints, plus the best by ``eval/top1`` if ``keep_best``.
-    ``extras`` are further replicated tensor sets (e.g. the EMA weights), each written by rank 0
-    as ``<name>.safetensors``; their counters belong in ``state``.
+    ``extras`` are further tensor sets (e.g. the EMA weights), written by rank 0 as
+    ``<name>.safetensors`` when they are replicated, or by every rank as
+    ``<name>-rank<R>.safetensors`` when ``per_rank`` (each rank's ZeRO-3 slice); their counters
+    belong in ``state``.
 
     Returns:
         The checkpoint directory.
@@ -131,10 +134,12 @@ def save_checkpoint(
         tmp.mkdir()
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
+    if per_rank or accelerator.is_main_process:
+        for name, tensors in (extras or {}).items():
+            path = tmp / _extra_name(name, accelerator.process_index if per_rank else None)
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        for name, tensors in (extras or {}).items():
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / f"{name}.safetensors")
         (tmp / STATE_NAME).write_text(json.dumps(asdict(state), indent=1) + "\n")
         if final.exists():
             shutil.rmtree(final)
@@ -147,13 +152,17 @@ def save_checkpoint(
     return final
 
 
-def load_extra(checkpoint: Path, name: str, device: torch.device) -> dict[str, torch.Tensor]:
-    """A tensor set saved with :func:`save_checkpoint`'s ``extras``.
+def _extra_name(name: str, rank: int | None) -> str:
+    return f"{name}.safetensors" if rank is None else f"{name}-rank{rank}.safetensors"
+
+
+def load_extra(checkpoint: Path, name: str, device: torch.device, rank: int | None = None) -> dict[str, torch.Tensor]:
+    """A tensor set saved with :func:`save_checkpoint`'s ``extras`` (``rank``: the per-rank set of that rank).
 
     Raises:
         DistrainError: the checkpoint has no such set (e.g. EMA switched on after it was made).
     """
-    path = checkpoint / f"{name}.safetensors"
+    path = checkpoint / _extra_name(name, rank)
     if not path.is_file():
         raise DistrainError(f"--resume {checkpoint}: no {path.name} in the checkpoint (was {name} off when it was made?)")
     return {k: v.to(device) for k, v in load_file(path).items()}

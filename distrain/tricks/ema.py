@@ -42,8 +42,16 @@ def ema_decay(decay: float, every: int, n_updates_done: int, warmup: bool) -> fl
 
 
 def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters and buffers by name; buffers carry BN running stats, which must follow the weights."""
-    tensors = {name: p for name, p in model.named_parameters()}
+    """Parameters and buffers by name; buffers carry BN running stats, which must follow the weights.
+
+    Under DeepSpeed ZeRO-3 a parameter's own data is empty between forwards and the rank holds a
+    slice of it in ``ds_tensor``: the average is then kept of that slice, so each rank averages
+    what it owns, no update gathers anything, and swapping the slices in makes the next forward
+    gather the averaged weights. Small parameters that ZeRO-3 keeps whole on every rank
+    (``ds_persist``) are averaged whole, as forwards read them directly.
+    """
+    tensors = {name: p.ds_tensor if hasattr(p, "ds_tensor") and not getattr(p, "ds_persist", False) else p
+               for name, p in model.named_parameters()}
     tensors.update(model.named_buffers())
     return tensors
 
