@@ -72,3 +72,35 @@ def test_launch_checks_the_recipe_before_starting(tmp_path, digits):
     assert dry.stderr.rstrip().endswith("distributed.backend=deepspeed distributed.zero_stage=3")
     lars = distrain(["launch", cfg, "--backend", "deepspeed", "optim.name=lars", "--dry-run"], cwd=tmp_path)
     assert lars.returncode == 2 and "optim.name: lars computes a trust ratio per layer" in lars.stderr
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "launch" / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_launch_configs_load_in_accelerate(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(path))
+    assert config.num_processes >= 1 and config.mixed_precision == "no"  # the recipe decides precision
+    if "deepspeed" in path.name:
+        stage = int(path.name.split("zero")[1][0])
+        assert config.deepspeed_config["zero_stage"] == stage
+        assert (config.deepspeed_config["offload_optimizer_device"] == "cpu") == ("offload" in path.name)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "launch" / "deepspeed").glob("*.json")), ids=lambda p: p.name)
+def test_deepspeed_templates_merge_with_a_recipe(path):
+    from test_plan_schedule import cfg_with
+
+    from distrain.dist.deepspeed import deepspeed_config
+
+    stage = 3 if "zero3" in path.name else 2
+    offload = "offload" in path.name
+    cfg = cfg_with(distributed={"backend": "deepspeed", "zero_stage": stage, "deepspeed_config": str(path),
+                                "offload_optimizer": offload, "offload_params": offload})
+    ds = deepspeed_config(cfg, "bf16", per_device=32, accumulation=2, global_batch=512)
+    assert ds["zero_optimization"]["stage"] == stage and ds["bf16"]["enabled"] is True
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (32, 2, 512)
+    assert "auto" not in json.dumps({k: v for k, v in ds.items() if k != "_comment"})
+    if offload:  # the same JSON without the recipe's offload leaves the devices undecided
+        bare = cfg_with(distributed={"backend": "deepspeed", "zero_stage": stage, "deepspeed_config": str(path)})
+        with pytest.raises(DistrainError, match=r"offload_optimizer\.device \(set by distributed\.offload_optimizer\)"):
+            deepspeed_config(bare, "bf16", per_device=32, accumulation=2, global_batch=512)

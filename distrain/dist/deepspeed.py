@@ -71,9 +71,9 @@ def generated_config(cfg: Config, precision: str, per_device: int | str = AUTO, 
     stage, offload_optimizer, offload_params = _from_launch_config(cfg)
     zero: dict = {"stage": stage, "stage3_gather_16bit_weights_on_model_save": True}
     if offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        zero["offload_optimizer"] = {"device": "cpu"}
     if offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        zero["offload_param"] = {"device": "cpu"}
     return {
         "train_micro_batch_size_per_gpu": per_device,
         "gradient_accumulation_steps": accumulation,
@@ -127,10 +127,31 @@ def user_config(cfg: Config) -> tuple[dict, str]:
     return data, path
 
 
+def _auto_keys(config: dict, prefix: str = "") -> list[str]:
+    found = []
+    for key, value in config.items():
+        if isinstance(value, dict):
+            found += _auto_keys(value, prefix + key + ".")
+        elif value == AUTO:
+            found.append(prefix + key)
+    return found
+
+
 def deepspeed_config(cfg: Config, precision: str, **plan_values) -> dict:
-    """The config DeepSpeed runs with: the user's JSON merged with :func:`generated_config`."""
+    """The config DeepSpeed runs with: the user's JSON merged with :func:`generated_config`.
+
+    Raises:
+        DistrainError: the JSON contradicts the recipe, or has an "auto" the recipe does not decide
+            (such as an offload device while the recipe's offload is off).
+    """
     user, path = user_config(cfg)
-    return merge_user_config(user, generated_config(cfg, precision, **plan_values), path or "deepspeed config")
+    merged = merge_user_config(user, generated_config(cfg, precision, **plan_values), path or "deepspeed config")
+    batch_keys = {"train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"}
+    unfilled = [k for k in _auto_keys(merged) if k not in batch_keys or plan_values]
+    if unfilled:
+        owners = ", ".join(f"{k} (set by {RECIPE_KEYS[k]})" if k in RECIPE_KEYS else k for k in unfilled)
+        raise DistrainError(f"{path}: no value from the recipe for 'auto' in {owners}")
+    return merged
 
 
 def is_partitioned(model: nn.Module) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 from collections.abc import Iterable
@@ -65,6 +66,10 @@ def build_accelerator(cfg: Config) -> Accelerator:
     timeout = timedelta(seconds=cfg.distributed.timeout_s)
     plugin = None
     if uses_deepspeed(cfg):
+        missing = [m for m in ("deepspeed", "transformers") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise DistrainError(f"distributed.backend: deepspeed needs {' and '.join(missing)}: "
+                                "pip install -e '.[deepspeed]' (from the distrain checkout)")
         # torch 2.14 deprecates collectives DeepSpeed calls; the warning says nothing to a user.
         warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
         # The batch fields stay "auto" here; the loop fills them from the plan before prepare.
