@@ -59,8 +59,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_launch(args: argparse.Namespace) -> int:
+    import signal
+
     from distrain.config import load_config
-    from distrain.launch import LaunchSpec, launch_command, shown
+    from distrain.launch import launch_command, resolve_spec, shown
 
     overrides = list(args.overrides)
     if args.backend:
@@ -68,13 +70,18 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     if args.zero_stage:
         overrides.append(f"distributed.zero_stage={args.zero_stage}")
     load_config(args.config, overrides)  # a bad key fails here, before any process starts
-    spec = LaunchSpec(args.nproc_per_node, args.nodes, args.node_rank, args.master_addr, args.master_port)
-    if not 0 <= spec.node_rank < spec.nodes:
-        raise DistrainError(f"--node-rank: {spec.node_rank} is not in [0, --nodes {spec.nodes})")
+    spec = resolve_spec(args.nproc_per_node, args.nodes, args.node_rank, args.master_addr, args.master_port,
+                        os.environ)
     cmd = launch_command(spec, args.config, overrides)
-    print(f"distrain: launch: {shown(cmd)}", file=sys.stderr, flush=True)
+    if args.resume:
+        cmd += ["--resume", args.resume]
+    print(f"distrain: launch: node {spec.node_rank} of {spec.nodes}: {shown(cmd)}", file=sys.stderr, flush=True)
     if args.dry_run:
         return 0
+    # The launcher (torchrun's agent) would die of SIGUSR1, which SLURM sends to every process of
+    # the step before a time limit; ignored here, the ignore survives exec, and the training
+    # ranks install their own handler (checkpoint and stop).
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     os.execvp(cmd[0], cmd)
 
 
@@ -228,11 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
                                        "accelerate launch, printing the exact command")
     la.add_argument("config")
     la.add_argument("overrides", nargs="*")
-    la.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) per node")
-    la.add_argument("--nodes", type=int, default=1)
-    la.add_argument("--node-rank", type=int, default=0, help="this node's index")
-    la.add_argument("--master-addr", default="127.0.0.1", help="address of node 0")
-    la.add_argument("--master-port", type=int, default=29500)
+    la.add_argument("--nproc-per-node", type=int, help="processes (GPUs) per node (SLURM: SLURM_GPUS_ON_NODE; else 1)")
+    la.add_argument("--nodes", type=int, help="nodes (SLURM: SLURM_JOB_NUM_NODES; else 1)")
+    la.add_argument("--node-rank", type=int, help="this node's index (SLURM: SLURM_NODEID; else 0)")
+    la.add_argument("--master-addr", help="address of node 0 (SLURM: first host of the allocation; else 127.0.0.1)")
+    la.add_argument("--master-port", type=int, help="rendezvous port (SLURM: 20000 + job id %% 20000; else 29500)")
+    la.add_argument("--resume", metavar="auto|PATH", help="passed to distrain train")
     la.add_argument("--backend", choices=["ddp", "deepspeed"], help="overrides distributed.backend")
     la.add_argument("--zero-stage", type=int, choices=[1, 2, 3], help="overrides distributed.zero_stage")
     la.add_argument("--dry-run", action="store_true", help="print the command without running it")

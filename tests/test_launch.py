@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -104,3 +105,23 @@ def test_deepspeed_templates_merge_with_a_recipe(path):
         bare = cfg_with(distributed={"backend": "deepspeed", "zero_stage": stage, "deepspeed_config": str(path)})
         with pytest.raises(DistrainError, match=r"offload_optimizer\.device \(set by distributed\.offload_optimizer\)"):
             deepspeed_config(bare, "bf16", per_device=32, accumulation=2, global_batch=512)
+
+
+def test_spec_from_slurm_variables():
+    """The node list's first host comes from the real scontrol: test_slurm.py checks it on a cluster."""
+    from distrain.launch import resolve_spec
+
+    env = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1",
+           "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_GPUS_ON_NODE": "8"}
+    spec = resolve_spec(None, None, None, "gpu07", None, env)
+    assert (spec.nproc_per_node, spec.nodes, spec.node_rank, spec.master_addr, spec.master_port) == (
+        8, 2, 1, "gpu07", 24242)
+    flags = resolve_spec(2, 4, 0, "10.0.0.5", 1234, env)  # flags win over SLURM's variables
+    assert (flags.nproc_per_node, flags.nodes, flags.node_rank, flags.master_port) == (2, 4, 0, 1234)
+    one = resolve_spec(None, None, None, None, None, {**env, "SLURM_JOB_NUM_NODES": "1", "SLURM_NODEID": "0"})
+    assert (one.nodes, one.master_addr) == (1, "127.0.0.1")  # a single node needs no address lookup
+    local = resolve_spec(None, None, None, None, None, {})
+    assert (local.nproc_per_node, local.nodes, local.node_rank, local.master_addr, local.master_port) == (
+        1, 1, 0, "127.0.0.1", 29500)
+    with pytest.raises(DistrainError, match="--node-rank: 3 is not in"):
+        resolve_spec(1, 2, 3, "a", 1, {})
