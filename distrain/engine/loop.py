@@ -199,6 +199,7 @@ def _train(
             model.train()
         else:
             fixres_train_mode(model, unwrapped, adapted)
+
     ema = EMA(unwrapped, cfg.ema.decay, cfg.ema.every, cfg.ema.warmup) if cfg.ema.decay else None
     # Label -1 marks a training batch the stream could not fill with any readable sample.
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing, ignore_index=PAD_LABEL)
