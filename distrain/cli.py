@@ -85,6 +85,29 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     os.execvp(cmd[0], cmd)
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from distrain.bench import bench_loader, format_loader
+
+    try:
+        resolutions = [int(r) for r in args.res.split(",")]
+    except ValueError:
+        raise DistrainError(f"--res: expected comma-separated integers, got {args.res!r}") from None
+    if args.workers < 0 or min(resolutions) <= 0:
+        raise DistrainError("--workers must be >= 0 and --res values > 0")
+    data = Path(args.data) if args.data else None
+    if data is not None and not data.is_dir():
+        raise DistrainError(f"--data {data}: no such folder (expected a class-per-folder image tree)")
+    result = bench_loader(data, args.workers, resolutions, batch=args.batch, rounds=args.rounds,
+                          batches=args.batches, images=args.images)
+    print(format_loader(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"json: {args.json}")
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from distrain.engine.standalone import export_checkpoint
 
@@ -245,6 +268,20 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--zero-stage", type=int, choices=[1, 2, 3], help="overrides distributed.zero_stage")
     la.add_argument("--dry-run", action="store_true", help="print the command without running it")
     la.set_defaults(func=_cmd_launch)
+
+    b = sub.add_parser("bench", help="benchmarks (side by side, ratios in one run)")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    bl = bsub.add_parser("loader", help="images/s of distrain's loader vs torchvision's reference and decode-only")
+    bl.add_argument("--data", help="a class-per-folder JPEG tree (default: a photo-like set made from "
+                                   "scikit-learn's bundled photographs)")
+    bl.add_argument("--workers", type=int, default=2, help="DataLoader workers for every pipeline")
+    bl.add_argument("--res", default="128,176,224", help="training resolutions")
+    bl.add_argument("--batch", type=int, default=64)
+    bl.add_argument("--rounds", type=int, default=3, help="alternating rounds (the median is reported)")
+    bl.add_argument("--batches", type=int, default=20, help="batches timed per pipeline and round")
+    bl.add_argument("--images", type=int, default=2000, help="size of the generated photo set (without --data)")
+    bl.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    bl.set_defaults(func=_cmd_bench)
 
     x = sub.add_parser("export", help="write a checkpoint's model weights (DeepSpeed ZeRO partitions merged) "
                                       "as one fp32 state dict for plain PyTorch")

@@ -1,0 +1,188 @@
+"""``distrain bench loader``: how many images/s can this node feed, against the reference pipeline.
+
+Pipelines, measured with the same DataLoader worker count and batch size, alternating in rounds so
+that machine drift hits all of them alike:
+
+- ``distrain``: the training stream (shards, reduced JPEG decode, RandomResizedCrop, flip, uint8
+  batches built in the workers) at each resolution;
+- ``torchvision``: what users would write otherwise (ImageFolder + RandomResizedCrop +
+  RandomHorizontalFlip + PILToTensor + ConvertImageDtype + Normalize, default collate);
+- ``decode``: the decode-only floor, a full-size PIL decode to RGB of the same files.
+
+Without ``--data`` it builds an ImageNet-like JPEG set from the real photographs bundled with
+scikit-learn: random crops rescaled to a short side of 300-500 px, aspect 3:4 to 4:3, quality 90.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from distrain.data.shards import resolve_shards
+from distrain.data.stream import Augment, ShardStream, make_loader
+from distrain.errors import DistrainError
+
+PIPELINES = ("distrain", "torchvision", "decode")
+
+
+def make_photo_set(out: Path, count: int = 2000, classes: int = 10, seed: int = 0) -> Path:
+    """Write ``count`` photo-like JPEGs as ``out/train/<class>/NNNNN.jpg`` (once; reused if complete).
+
+    Returns:
+        The folder holding the class folders' parent split (``out``).
+    """
+    from sklearn.datasets import load_sample_images
+
+    root = out / "train"
+    if root.is_dir() and sum(1 for _ in root.glob("*/*.jpg")) == count:
+        return out
+    photos = [Image.fromarray(a) for a in load_sample_images().images]
+    rng = random.Random(seed)
+    for c in range(classes):
+        (root / f"c{c:02d}").mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        w, h = photo.size
+        aspect = rng.uniform(3 / 4, 4 / 3)
+        most = min(w, int(h * aspect))  # the widest crop of this aspect that fits
+        cw = rng.randint(most // 2, most)
+        ch = round(cw / aspect)
+        left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
+        crop = photo.crop((left, top, left + cw, top + ch))
+        short = rng.randint(300, 500)
+        scale = short / min(crop.size)
+        img = crop.resize((round(crop.size[0] * scale), round(crop.size[1] * scale)), Image.BILINEAR)
+        if rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        img.save(root / f"c{i % classes:02d}" / f"{i:05d}.jpg", quality=90)
+    return out
+
+
+class _Decode(Dataset):
+    """Full-size decode to RGB, returning the size only (the floor: no crop, resize or copy)."""
+
+    def __init__(self, files: list[Path]):
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        with Image.open(self.files[i]) as im:
+            rgb = im.convert("RGB")
+        return torch.tensor(rgb.size)
+
+
+def _torchvision_loader(folder: Path, res: int, batch: int, workers: int) -> DataLoader:
+    from torchvision import datasets, transforms
+
+    t = transforms.Compose([
+        transforms.RandomResizedCrop(res),
+        transforms.RandomHorizontalFlip(),
+        transforms.PILToTensor(),
+        transforms.ConvertImageDtype(torch.float),
+        transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+    ])
+    return DataLoader(datasets.ImageFolder(str(folder), t), batch_size=batch, shuffle=True, num_workers=workers,
+                      drop_last=True, persistent_workers=False)
+
+
+def _distrain_loader(shards: Path, res: int, batch: int, workers: int, epoch: int) -> DataLoader:
+    shard_set = resolve_shards(str(shards))
+    stream = ShardStream(shard_set, rank=0, world_size=1, batch_size=batch, seed=0, num_classes=len(shard_set.classes),
+                         augment=Augment(res, (0.08, 1.0), (3 / 4, 4 / 3), True),
+                         batches_per_epoch=shard_set.total // batch)
+    stream.set_position(epoch)
+    return make_loader(stream, workers, prefetch=2, pin_memory=False)
+
+
+def _rate(loader: DataLoader, batches: int, batch: int) -> float:
+    """Images/s over ``batches`` batches, after the first (worker start-up) is discarded."""
+    it = iter(loader)
+    next(it)
+    start = time.perf_counter()
+    n = 0
+    for _ in range(batches):
+        try:
+            next(it)
+        except StopIteration:
+            break
+        n += 1
+    elapsed = time.perf_counter() - start
+    del it
+    return n * batch / elapsed
+
+
+def bench_loader(data: Path | None, workers: int, resolutions: list[int], batch: int = 64, rounds: int = 3,
+                 batches: int = 20, work_dir: Path = Path("runs/bench"), images: int = 2000) -> dict:
+    """Measure the pipelines (see the module docstring) and return images/s and ratios.
+
+    Args:
+        data: A class-per-folder tree (``train/<class>/*.jpg`` or ``<class>/*.jpg``); None builds
+            the photo set in ``work_dir``. Shards are written next to it for the distrain stream.
+        workers: DataLoader worker processes for every pipeline.
+        resolutions: Training resolutions to measure.
+        batch: Batch size for every pipeline.
+        rounds: Alternating rounds; each figure is the median over rounds.
+        batches: Batches timed per pipeline per round.
+        work_dir: Where the generated photo set and the shards go.
+        images: Size of the generated photo set.
+
+    Returns:
+        ``{"images_per_s": {pipeline: {res: value}}, "ratios": {"vs_torchvision": {res: r},
+        "vs_decode": {res: r}}, "workers": workers, "batch": batch, "images": n}``
+    """
+    from distrain.data.writer import write_folder
+
+    if data is None:
+        data = make_photo_set(work_dir / f"photos-{images}", count=images)
+    folder = data / "train" if (data / "train").is_dir() else data
+    files = sorted(p for p in folder.glob("*/*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    if len(files) < batch * (batches + 1):
+        raise DistrainError(f"--data {data}: {len(files)} images, need at least {batch * (batches + 1)}")
+    shards = work_dir / f"shards-{len(files)}"
+    if not (shards / "train" / "index.json").is_file():
+        write_folder(data, shards, samples_per_shard=500, overwrite=True, progress=False)
+    results: dict[str, dict[int, list[float]]] = {p: {r: [] for r in resolutions} for p in PIPELINES}
+    for k in range(rounds):
+        for res in resolutions:
+            order = PIPELINES if k % 2 == 0 else PIPELINES[::-1]
+            for pipeline in order:
+                if pipeline == "distrain":
+                    loader = _distrain_loader(shards / "train", res, batch, workers, epoch=k)
+                elif pipeline == "torchvision":
+                    loader = _torchvision_loader(folder, res, batch, workers)
+                else:
+                    loader = DataLoader(_Decode(files), batch_size=batch, shuffle=True, num_workers=workers)
+                results[pipeline][res].append(_rate(loader, batches, batch))
+    rates = {p: {r: statistics.median(v) for r, v in by_res.items()} for p, by_res in results.items()}
+    return {
+        "images_per_s": rates,
+        "ratios": {
+            "vs_torchvision": {r: rates["distrain"][r] / rates["torchvision"][r] for r in resolutions},
+            "vs_decode": {r: rates["distrain"][r] / rates["decode"][r] for r in resolutions},
+        },
+        "workers": workers,
+        "batch": batch,
+        "images": len(files),
+    }
+
+
+def format_loader(result: dict) -> str:
+    """The bench as a table: images/s (per worker) per pipeline and resolution, and the ratios."""
+    w = max(result["workers"], 1)
+    rates, ratios = result["images_per_s"], result["ratios"]
+    lines = [f"{'res':>5}  {'distrain':>16}  {'torchvision':>16}  {'decode-only':>16}  {'vs torchvision':>14}  "
+             f"{'vs decode':>9}"]
+    for r in rates["distrain"]:
+        cells = "  ".join(f"{rates[p][r]:>7.0f} ({rates[p][r] / w:>5.0f}/w)" for p in PIPELINES)
+        lines.append(f"{r:>5}  {cells}  {ratios['vs_torchvision'][r]:>13.2f}x  {ratios['vs_decode'][r]:>8.2f}x")
+    lines.append(f"images/s ({result['workers']} workers, batch {result['batch']}, {result['images']} images, "
+                 "median of alternating rounds); /w = per worker")
+    return "\n".join(lines)

@@ -1,0 +1,41 @@
+"""`distrain bench loader`: the generated photo set and the side-by-side measurement."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import checked, distrain
+from PIL import Image
+
+from distrain.bench import make_photo_set
+
+
+def test_photo_set_is_imagenet_like(tmp_path):
+    out = make_photo_set(tmp_path / "photos", count=60, classes=6)
+    files = sorted((out / "train").glob("*/*.jpg"))
+    assert len(files) == 60 and len({f.parent.name for f in files}) == 6
+    for f in files:
+        with Image.open(f) as im:
+            w, h = im.size
+            assert im.format == "JPEG" and 300 <= min(w, h) <= 500
+            assert 3 / 4 - 0.02 <= max(w, h) / min(w, h) <= 4 / 3 + 0.02
+    assert make_photo_set(tmp_path / "photos", count=60, classes=6) == out  # reused, not rewritten
+
+
+@pytest.mark.slow
+def test_bench_loader_command(tmp_path):
+    result_path = tmp_path / "bench.json"
+    out = checked(distrain(["bench", "loader", "--images", "160", "--res", "64,96", "--batch", "16", "--workers", "1",
+                            "--rounds", "1", "--batches", "4", "--json", str(result_path)], cwd=tmp_path))
+    result = json.loads(result_path.read_text())
+    assert set(result["images_per_s"]) == {"distrain", "torchvision", "decode"}
+    for pipeline, by_res in result["images_per_s"].items():
+        assert set(by_res) == {"64", "96"} and all(v > 0 for v in by_res.values()), pipeline
+    for name in ("vs_torchvision", "vs_decode"):
+        for res, ratio in result["ratios"][name].items():
+            base = "torchvision" if name == "vs_torchvision" else "decode"
+            assert ratio == pytest.approx(result["images_per_s"]["distrain"][res] / result["images_per_s"][base][res])
+    assert "vs torchvision" in out.stdout and (tmp_path / "runs" / "bench" / "shards-160" / "train").is_dir()
+    bad = distrain(["bench", "loader", "--res", "x"], cwd=tmp_path)
+    assert bad.returncode == 2 and "--res: expected comma-separated integers" in bad.stderr
