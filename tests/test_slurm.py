@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import PYTHON, REPO, checked, distrain, read_jsonl, run_env, wait_for
 from test_train import recipe
 
@@ -142,3 +143,32 @@ def test_node_failure_fails_fast_with_usable_checkpoint(cluster, tmp_path, digit
     newest = checkpoint_dirs(run)[-1]  # complete ones only: a save cut short stays a .tmp
     out = checked(distrain(["eval", str(newest), "--json"], cwd=tmp_path))
     assert json.loads(out.stdout.strip().splitlines()[-1])["eval/samples"] == 360
+
+
+def test_deepspeed_template_on_two_nodes(cluster, tmp_path, digits):
+    cfg = recipe(tmp_path, digits, train={"max_updates": 4}, distributed={"timeout_s": 60})
+    job = _submit(cluster, tmp_path, "train_deepspeed.sbatch", cfg)
+    info = cluster.wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=300)
+    log = _log(tmp_path, job)
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert "distributed.backend=deepspeed distributed.zero_stage=2" in log  # the accelerate command it ran
+    assert "DeepSpeed ZeRO-2" in log
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["updates"] == 4
+    assert summary["replica_fingerprints"][0] == summary["replica_fingerprints"][1]
+    assert (sorted((tmp_path / "run" / "checkpoints").iterdir())[-1] / "pytorch_model").is_dir()
+
+
+def test_job_array_sweep(cluster, tmp_path, digits):
+    cfg = recipe(tmp_path, digits, train={"max_updates": 3}, distributed={"timeout_s": 60})
+    shutil.copytree(REPO / "slurm", tmp_path / "slurm", dirs_exist_ok=True)
+    job = cluster.sbatch("--array=0-1", "--nodes=1", *CPU_JOB, f"--output={tmp_path}/slurm-%A_%a.out",
+                         "slurm/sweep_array.sbatch", cfg, "optim.lr=0.05,0.2", "train.log_every=1",
+                         cwd=tmp_path, env={**_job_env(tmp_path), "RUN_ROOT": str(tmp_path / "sweep")})
+    for task in (0, 1):
+        info = cluster.wait(f"{job}_{task}", {"COMPLETED", "FAILED", "CANCELLED"}, timeout=240)
+        assert info["JobState"] == "COMPLETED", (tmp_path / f"slurm-{job}_{task}.out").read_text()[-3000:]
+    for lr in ("0.05", "0.2"):
+        run = tmp_path / "sweep" / f"optim.lr={lr}"
+        assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["lr"] == float(lr)
+        assert json.loads((run / "summary.json").read_text())["updates"] == 3

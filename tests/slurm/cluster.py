@@ -200,12 +200,13 @@ class SlurmCluster:
                              capture_output=True, text=True, env={**(env or os.environ), **self.env_extra}, timeout=60)
         return int(out.stdout.strip().split(";")[0])
 
-    def job(self, job_id: int) -> dict[str, str]:
-        """``scontrol show job`` as a dict (JobState, RestartCnt, ExitCode, NodeList, ...)."""
+    def job(self, job_id: int | str) -> dict[str, str]:
+        """``scontrol show job`` as a dict (JobState, Restarts, ExitCode, NodeList, ...); an array task
+        is ``"<job>_<task>"``."""
         out = self.client("scontrol", "show", "job", "-o", str(job_id)).stdout
         return dict(field.split("=", 1) for field in out.split() if "=" in field)
 
-    def wait(self, job_id: int, states: set[str], timeout: float) -> dict[str, str]:
+    def wait(self, job_id: int | str, states: set[str], timeout: float) -> dict[str, str]:
         """Poll the job until its state is one of ``states`` (sbatch --wait polls too slowly)."""
         deadline = time.monotonic() + timeout
         info = {}
