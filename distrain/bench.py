@@ -186,3 +186,126 @@ def format_loader(result: dict) -> str:
     lines.append(f"images/s ({result['workers']} workers, batch {result['batch']}, {result['images']} images, "
                  "median of alternating rounds); /w = per worker")
     return "\n".join(lines)
+
+
+def bench_step(model_name: str = "resnet18", res: int = 64, batch: int = 32, updates: int = 10, rounds: int = 3,
+               classes: int = 100) -> dict:
+    """Seconds per optimizer update of distrain's step against a plain PyTorch loop, and the EMA's cost.
+
+    distrain's step is the loop's own code (:func:`~distrain.engine.step.micro_batch` inside
+    ``accelerator.accumulate``, :func:`~distrain.engine.step.finish_update`, the device-side loss
+    sum, and :meth:`EMA.update` when on) with label smoothing 0.1. The plain loop does the same
+    forward, loss, backward, SGD step and zero_grad on an identical model. Data come from memory.
+    The variants alternate in rounds; each figure is the median over rounds.
+
+    Returns:
+        ``{"seconds_per_update": {"plain": s, "distrain": s, "distrain_ema": s}, "overhead": {...},
+        "ema": {"update_s": s, "floor_s": s, "vs_floor": r, "amortized": {"every_1": f, "every_32": f}}}``
+        where the overheads are fractions of the plain step and ``amortized`` the EMA's cost per
+        update as a fraction of the plain step.
+    """
+    import torch.nn.functional as F
+
+    from distrain.config import from_dict
+    from distrain.dist import build_accelerator
+    from distrain.dist.setup import shutdown
+    from distrain.engine.step import finish_update, micro_batch
+    from distrain.models import create_model
+    from distrain.optim import create_optimizer
+    from distrain.tricks.ema import EMA
+
+    cfg = from_dict({"model": {"name": model_name}, "logging": {"wandb": False, "progress": False},
+                     "optim": {"lr": 0.01}, "train": {"label_smoothing": 0.1}})
+    accelerator = build_accelerator(cfg)
+    torch.manual_seed(0)
+    ours = create_model(model_name, classes, "batch", False)
+    plain = create_model(model_name, classes, "batch", False)
+    plain.load_state_dict(ours.state_dict())
+    plain.to(accelerator.device).train()
+    optimizer = create_optimizer(ours, cfg.optim, 0.01)
+    model, optimizer = accelerator.prepare(ours, optimizer)
+    model.train()
+    plain_optimizer = create_optimizer(plain, cfg.optim, 0.01)
+    unwrapped = accelerator.unwrap_model(model)
+    ema = EMA(unwrapped, 0.9999, every=1, warmup=True)
+    images = torch.randn(batch, 3, res, res, device=accelerator.device)
+    targets = torch.randint(0, classes, (batch,), device=accelerator.device)
+
+    def loss_fn(logits, y):
+        return F.cross_entropy(logits, y, label_smoothing=0.1)
+
+    def run_distrain(with_ema: bool) -> None:
+        loss_sum = torch.zeros((), device=accelerator.device)
+        for u in range(updates):
+            with accelerator.accumulate(model):
+                loss, _ = micro_batch(accelerator, model, optimizer, loss_fn, images, targets, lambda: 0.01)
+                loss_sum += loss
+                finish_update(accelerator, model, optimizer, None, check_finite=True)
+            if with_ema:
+                ema.update(unwrapped, u + 1)
+        float(loss_sum)  # one host sync per window, as the loop's logging does
+
+    def run_plain() -> None:
+        for _ in range(updates):
+            loss = loss_fn(plain(images), targets)
+            loss.backward()
+            plain_optimizer.step()
+            plain_optimizer.zero_grad(set_to_none=True)
+
+    variants = {"plain": run_plain, "distrain": lambda: run_distrain(False), "distrain_ema": lambda: run_distrain(True)}
+    for fn in variants.values():  # warm-up: allocator, autotuning, first-call costs
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for k in range(rounds):
+        for name in (list(variants) if k % 2 == 0 else list(variants)[::-1]):
+            _sync(accelerator.device)
+            start = time.perf_counter()
+            variants[name]()
+            _sync(accelerator.device)
+            times[name].append((time.perf_counter() - start) / updates)
+    per_update = {k: statistics.median(v) for k, v in times.items()}
+
+    ema_times, floor_times = [], []
+    params = [t for t in ema._all_model if t.is_floating_point()]
+    shadow = [torch.empty_like(t) for t in params]
+    for _ in range(max(20, updates)):
+        _sync(accelerator.device)
+        start = time.perf_counter()
+        ema.update(unwrapped, 1)
+        _sync(accelerator.device)
+        ema_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        torch._foreach_copy_(shadow, params)  # the memory-bandwidth floor: one pass over the weights
+        _sync(accelerator.device)
+        floor_times.append(time.perf_counter() - start)
+    del model, optimizer, unwrapped, ema
+    shutdown(accelerator)
+    ema_s, floor_s = statistics.median(ema_times), statistics.median(floor_times)
+    base = per_update["plain"]
+    return {
+        "model": model_name, "res": res, "batch": batch, "device": str(images.device),
+        "seconds_per_update": per_update,
+        "overhead": {"distrain": per_update["distrain"] / base - 1, "distrain_ema": per_update["distrain_ema"] / base - 1},
+        "ema": {"update_s": ema_s, "floor_s": floor_s, "vs_floor": ema_s / floor_s,
+                "amortized": {"every_1": ema_s / base, "every_32": ema_s / 32 / base}},
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def format_step(r: dict) -> str:
+    """The step bench as a few lines of figures and ratios."""
+    s, o, e = r["seconds_per_update"], r["overhead"], r["ema"]
+    return "\n".join([
+        f"{r['model']} at {r['res']} px, batch {r['batch']}, on {r['device']} (median of alternating rounds)",
+        f"  plain PyTorch loop     {s['plain'] * 1e3:8.2f} ms/update",
+        f"  distrain step          {s['distrain'] * 1e3:8.2f} ms/update  ({o['distrain']:+.1%} vs plain)",
+        f"  distrain step + EMA    {s['distrain_ema'] * 1e3:8.2f} ms/update  ({o['distrain_ema']:+.1%} vs plain)",
+        f"  one EMA update         {e['update_s'] * 1e3:8.3f} ms  ({e['vs_floor']:.2f}x a foreach copy of the weights, "
+        f"{e['floor_s'] * 1e3:.3f} ms)",
+        f"  EMA amortized          every 1: {e['amortized']['every_1']:.2%} of a step; every 32: "
+        f"{e['amortized']['every_32']:.3%}",
+    ])

@@ -85,6 +85,25 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     os.execvp(cmd[0], cmd)
 
 
+def _cmd_bench_step(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from distrain.bench import bench_step, format_step
+
+    _quiet_cpu_deepspeed()
+    if min(args.res, args.batch, args.updates, args.rounds) <= 0:
+        raise DistrainError("--res, --batch, --updates and --rounds must be > 0")
+    from distrain.models.factory import check_model_name
+
+    check_model_name(args.model)
+    result = bench_step(args.model, args.res, args.batch, args.updates, args.rounds)
+    print(format_step(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"json: {args.json}")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -282,6 +301,14 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--images", type=int, default=2000, help="size of the generated photo set (without --data)")
     bl.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     bl.set_defaults(func=_cmd_bench)
+    bs = bsub.add_parser("step", help="time per update of distrain's step vs a plain PyTorch loop, and the EMA's cost")
+    bs.add_argument("--model", default="resnet18")
+    bs.add_argument("--res", type=int, default=64)
+    bs.add_argument("--batch", type=int, default=32)
+    bs.add_argument("--updates", type=int, default=10, help="updates timed per variant and round")
+    bs.add_argument("--rounds", type=int, default=3)
+    bs.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    bs.set_defaults(func=_cmd_bench_step)
 
     x = sub.add_parser("export", help="write a checkpoint's model weights (DeepSpeed ZeRO partitions merged) "
                                       "as one fp32 state dict for plain PyTorch")

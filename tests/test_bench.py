@@ -39,3 +39,19 @@ def test_bench_loader_command(tmp_path):
     assert "vs torchvision" in out.stdout and (tmp_path / "runs" / "bench" / "shards-160" / "train").is_dir()
     bad = distrain(["bench", "loader", "--res", "x"], cwd=tmp_path)
     assert bad.returncode == 2 and "--res: expected comma-separated integers" in bad.stderr
+
+
+@pytest.mark.slow
+def test_bench_step_command(tmp_path):
+    path = tmp_path / "step.json"
+    out = checked(distrain(["bench", "step", "--model", "cifar_resnet20", "--res", "16", "--batch", "8",
+                            "--updates", "2", "--rounds", "1", "--json", str(path)], cwd=tmp_path))
+    r = json.loads(path.read_text())
+    s = r["seconds_per_update"]
+    assert set(s) == {"plain", "distrain", "distrain_ema"} and all(v > 0 for v in s.values())
+    assert r["overhead"]["distrain"] == pytest.approx(s["distrain"] / s["plain"] - 1)
+    assert r["ema"]["vs_floor"] == pytest.approx(r["ema"]["update_s"] / r["ema"]["floor_s"])
+    assert r["ema"]["amortized"]["every_32"] == pytest.approx(r["ema"]["amortized"]["every_1"] / 32)
+    assert "vs plain" in out.stdout and "foreach copy" in out.stdout
+    bad = distrain(["bench", "step", "--model", "resnet9000"], cwd=tmp_path)
+    assert bad.returncode == 2 and "resnet9000" in bad.stderr

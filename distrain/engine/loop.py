@@ -37,7 +37,7 @@ from distrain.dist.setup import replica_fingerprints, shutdown, sync_buffers
 from distrain.dist.signals import StopSignals, agree, is_peer_failure, requeue_slurm_job
 from distrain.engine.build import build_model, eval_stream, loader, prepare_builtin, resolve_data, train_stream
 from distrain.engine.evaluate import evaluate
-from distrain.engine.step import finish_update
+from distrain.engine.step import finish_update, micro_batch
 from distrain.errors import BadDataError, DistrainError, NonFiniteStop, PeerLost, Preempted, RunStopped
 from distrain.optim import create_optimizer, lr_at
 from distrain.plan import BatchPlan, make_plan
@@ -73,11 +73,6 @@ class _Window:
 
     def elapsed(self) -> float:
         return max(time.perf_counter() - self.start, 1e-9)
-
-
-def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
 
 
 def _start_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
@@ -263,17 +258,14 @@ def _train(
                 if mixcut.enabled:
                     images, targets = mixcut(images, targets)
                 with accelerator.accumulate(model):
-                    loss = loss_fn(model(images), targets)
-                    if state.update + 1 in nan_updates:
-                        loss = loss * float("nan")
-                    if accelerator.sync_gradients:  # before backward: DeepSpeed steps inside it
-                        lr = lr_at(state.update, plan, cfg.schedule)
-                        _set_lr(optimizer, lr)
-                    accelerator.backward(loss)
+                    loss, lr_set = micro_batch(accelerator, model, optimizer, loss_fn, images, targets,
+                                               lambda: lr_at(state.update, plan, cfg.schedule),
+                                               poison=state.update + 1 in nan_updates)
                     state.batch_in_epoch += 1
-                    window.loss_sum += loss.detach()  # stays on the device: no host sync per step
+                    window.loss_sum += loss  # stays on the device: no host sync per step
                     window.micro_batches += 1
                     if accelerator.sync_gradients:
+                        lr = lr_set
                         grad_norm, finite = finish_update(
                             accelerator, model, optimizer, cfg.train.clip_grad_norm, check_nonfinite
                         )

@@ -1,8 +1,12 @@
-"""The end of an optimizer update, after the last micro-batch's backward, under DDP or DeepSpeed."""
+"""One micro-batch and the end of an optimizer update, under DDP or DeepSpeed.
+
+The loop and ``distrain bench step`` both call these, so the bench times the loop's own code.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from accelerate import Accelerator
@@ -10,6 +14,33 @@ from accelerate.utils import DistributedType
 from torch import nn
 
 from distrain.errors import NonFiniteStop
+
+
+def micro_batch(
+    accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable,
+    images: torch.Tensor, targets: torch.Tensor, next_lr: Callable[[], float], poison: bool = False,
+) -> tuple[torch.Tensor, float | None]:
+    """Forward, loss and backward of one micro-batch; call it inside ``accelerator.accumulate(model)``.
+
+    On the last micro-batch of an update it first sets that update's LR (``next_lr()``), because
+    DeepSpeed steps inside ``backward``.
+
+    Args:
+        poison: Make the loss NaN (fault drills and tests).
+
+    Returns:
+        The loss (detached, still on the device: no host sync) and the LR it set, or None.
+    """
+    loss = loss_fn(model(images), targets)
+    if poison:
+        loss = loss * float("nan")
+    lr = None
+    if accelerator.sync_gradients:
+        lr = next_lr()
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+    accelerator.backward(loss)
+    return loss.detach(), lr
 
 
 def finish_update(
