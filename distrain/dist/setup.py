@@ -35,6 +35,8 @@ def default_wandb_mode() -> None:
     Offline runs write everything under the run dir and never touch the network;
     ``wandb sync`` uploads them later.
     """
+    if not os.environ.get("WANDB_MODE"):
+        os.environ.pop("WANDB_MODE", None)  # set but empty: wandb would refuse it
     if "WANDB_MODE" in os.environ or os.environ.get("WANDB_API_KEY"):
         return
     netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
