@@ -278,7 +278,6 @@ def bench_step(model_name: str = "resnet18", res: int = 64, batch: int = 32, upd
         torch._foreach_copy_(shadow, params)  # the memory-bandwidth floor: one pass over the weights
         _sync(accelerator.device)
         floor_times.append(time.perf_counter() - start)
-    del model, optimizer, unwrapped, ema
     shutdown(accelerator)
     ema_s, floor_s = statistics.median(ema_times), statistics.median(floor_times)
     base = per_update["plain"]

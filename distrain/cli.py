@@ -85,9 +85,16 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     os.execvp(cmd[0], cmd)
 
 
-def _cmd_bench_step(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def _print_bench(table: str, result: dict, json_path: str | None) -> None:
+    """Print a bench's table and, when asked, write its figures as JSON."""
+    print(table)
+    if json_path:
+        with open(json_path, "w") as f:
+            f.write(json.dumps(result, indent=1) + "\n")
+        print(f"json: {json_path}")
 
+
+def _cmd_bench_step(args: argparse.Namespace) -> int:
     from distrain.bench import bench_step, format_step
 
     _quiet_cpu_deepspeed()
@@ -97,10 +104,7 @@ def _cmd_bench_step(args: argparse.Namespace) -> int:
 
     check_model_name(args.model)
     result = bench_step(args.model, args.res, args.batch, args.updates, args.rounds)
-    print(format_step(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-        print(f"json: {args.json}")
+    _print_bench(format_step(result), result, args.json)
     return 0
 
 
@@ -120,10 +124,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise DistrainError(f"--data {data}: no such folder (expected a class-per-folder image tree)")
     result = bench_loader(data, args.workers, resolutions, batch=args.batch, rounds=args.rounds,
                           batches=args.batches, images=args.images)
-    print(format_loader(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-        print(f"json: {args.json}")
+    _print_bench(format_loader(result), result, args.json)
     return 0
 
 
