@@ -94,15 +94,19 @@ def test_phase_in_distrain_train_and_resume(tmp_path, digits):
     assert steps and min(steps) > main_summary["updates"]
     assert wandb_run["summary"]["fixres/eval/top1"] == pytest.approx(summary["eval/top1"])
 
-    # Resume inside the phase: drop its last checkpoint; the main phase is not run again.
-    ckpts = sorted((phase / "checkpoints").iterdir())
-    shutil.rmtree(ckpts[-1])
+    # Resume inside the phase: drop its last checkpoint; the main phase is not run again. Then drop
+    # all of the phase's checkpoints: the phase starts over, still without rerunning the main one.
     main_events = len(read_jsonl(run / "metrics.jsonl"))
-    proc = checked(distrain(["train", cfg, "--resume", "auto"], cwd=tmp_path))
-    assert "resuming from" in proc.stderr and "fixres" in proc.stderr
-    assert len(read_jsonl(run / "metrics.jsonl")) == main_events
-    again = load_file(phase / "model.safetensors")
-    assert all(torch.equal(again[k], fixed[k]) for k in fixed)  # an exact continuation
+    for drop in ("last", "all"):
+        ckpts = sorted((phase / "checkpoints").iterdir())
+        for ckpt in ckpts[-1:] if drop == "last" else ckpts:
+            shutil.rmtree(ckpt)
+        proc = checked(distrain(["train", cfg, "--resume", "auto"], cwd=tmp_path))
+        left = ckpts[:-1] if drop == "last" else []
+        assert ("resuming from" in proc.stderr and "fixres" in proc.stderr) == bool(left), drop
+        assert len(read_jsonl(run / "metrics.jsonl")) == main_events, drop
+        again = load_file(phase / "model.safetensors")
+        assert all(torch.equal(again[k], fixed[k]) for k in fixed), drop  # an exact continuation
 
 
 def test_test_time_training_crop_equals_the_eval_crop(digits):

@@ -1,8 +1,9 @@
 """Per-sample decode and crop: encoded bytes -> uint8 CHW tensor at the target resolution.
 
 The crop is chosen from the image size in the file header, before any pixel is decoded, so a JPEG
-can be decoded at a reduced size (libjpeg's DCT scaling via PIL ``draft``) whenever the crop still
-has at least the target resolution; crop and resize are then one PIL call. Crop and flip draw
+can be decoded at a reduced size (libjpeg-turbo's DCT scaling, through simplejpeg) whenever the
+crop still has at least the target resolution; the crop is then a view of the decoded pixels and
+the resize one antialiased torch call on uint8. Crop and flip draw
 from an explicit ``random.Random``; a policy augmentation (torchvision's TrivialAugmentWide,
 RandAugment or AutoAugment) draws from torch's global generator, which the caller seeds per batch,
 so a sample's augmentation is a function of its batch seed alone.
@@ -14,15 +15,18 @@ import io
 import math
 import random
 
+import numpy as np
+import simplejpeg
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import v2
-from torchvision.transforms.v2.functional import pil_to_tensor
 
 from distrain.errors import DistrainError
 
 Box = tuple[float, float, float, float]
 POLICIES = ("none", "trivialaugment", "randaugment", "autoaugment")
+JPEG_MAGIC = b"\xff\xd8"
 
 
 def random_resized_crop_box(
@@ -63,29 +67,73 @@ def center_crop_box(width: int, height: int, resize: int, crop: int) -> Box:
     return (left, top, left + side_w, top + side_h)
 
 
-def crop_resize(img: Image.Image, box: Box, size: int, reduce: bool = True) -> Image.Image:
-    """Decode ``img`` (opened, not yet loaded) reduced where possible, then crop ``box`` to size x size.
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of encoded image bytes, from the header alone."""
+    if data[:2] == JPEG_MAGIC:
+        try:
+            h, w, _, _ = simplejpeg.decode_jpeg_header(data)
+            return w, h
+        except ValueError:
+            pass  # libjpeg-turbo refuses some headers that PIL reads
+    with Image.open(io.BytesIO(data)) as img:
+        return img.size
 
-    ``draft`` asks libjpeg for the smallest DCT scale (1/2, 1/4, 1/8) at which the box still
-    covers at least ``size`` pixels on both sides; the box is mapped to the reduced image.
-    ``reduce=False`` decodes at full size (the reference the reduced decode is tested against).
+
+def dct_factor(box: Box, size: int) -> int:
+    """The largest JPEG DCT reduction (1, 2, 4 or 8) at which ``box`` still spans ``size`` pixels.
+
+    libjpeg-turbo also scales by 7/8, 6/8, ...; those take its plain-C paths and decode slower
+    than the full size (measured), so only the SIMD power-of-two scales are used.
     """
-    width, height = img.size
-    bw, bh = box[2] - box[0], box[3] - box[1]
-    if reduce and img.format == "JPEG":
-        need = max(size / bw, size / bh)
-        img.draft("RGB", (math.ceil(width * need), math.ceil(height * need)))
-    # libjpeg scales by exactly 1/2^k, rounding the size up: map the box by 1/2^k, not by the ratio
-    # of the (rounded) sizes, or crops of widths that are not multiples of 2^k shift and stretch.
-    factor = 1.0 / 2 ** round(math.log2(width / img.size[0]))
-    img = img.convert("RGB")
-    scaled = tuple(c * factor for c in box)
-    return img.resize((size, size), Image.BILINEAR, box=scaled)
+    side = min(box[2] - box[0], box[3] - box[1])
+    factor = 1
+    while factor < 8 and side >= 2 * factor * size:
+        factor *= 2
+    return factor
 
 
-def open_image(data: bytes) -> Image.Image:
-    """Open encoded image bytes lazily (header only)."""
-    return Image.open(io.BytesIO(data))
+def _pixels(data: bytes, factor: int) -> tuple[np.ndarray, int]:
+    """RGB uint8 (H, W, 3) pixels of ``data`` and the reduction they were decoded at.
+
+    A JPEG is decoded at 1/``factor`` size (libjpeg-turbo rounds the sides up); images it cannot
+    decode (PNG, WebP, rare JPEG variants) take PIL's full-size decode, which raises for a corrupt
+    file.
+    """
+    if data[:2] == JPEG_MAGIC:
+        try:
+            h, w, _, _ = simplejpeg.decode_jpeg_header(data)
+            pixels = simplejpeg.decode_jpeg(data, "RGB", min_width=-(-w // factor), min_height=-(-h // factor))
+            return pixels, factor
+        except ValueError:
+            pass
+    with Image.open(io.BytesIO(data)) as img:
+        return np.array(img.convert("RGB")), 1
+
+
+def crop_resize(data: bytes, box: Box, size: int, reduce: bool = True) -> torch.Tensor:
+    """Decode ``data`` reduced where possible, crop ``box`` and resize it to a uint8 (3, size, size).
+
+    The JPEG is decoded at the DCT reduction ``k`` that :func:`dct_factor` allows and the box is
+    snapped to whole decoded pixels, that is to multiples of ``k`` source pixels: each edge moves
+    by at most ``k / 2`` source pixels, under a quarter of an output pixel since the box spans at
+    least ``2 k size`` of them. A full-size decode of the snapped box (:func:`snap_box`) covers
+    exactly the same region. The crop is copied once, into the channels-last layout that torch's
+    vectorised antialiased bilinear resize on uint8 reads; that resize matches PIL's to about a
+    grey level. ``reduce=False`` decodes at full size: the reference the reduced decode is tested
+    against.
+    """
+    pixels, factor = _pixels(data, dct_factor(box, size) if reduce else 1)
+    h, w = pixels.shape[:2]
+    x0, y0, x1, y1 = (round(c / factor) for c in box)
+    x0, y0 = min(max(x0, 0), w - 1), min(max(y0, 0), h - 1)
+    x1, y1 = max(min(x1, w), x0 + 1), max(min(y1, h), y0 + 1)
+    crop = torch.from_numpy(np.ascontiguousarray(pixels[y0:y1, x0:x1])).permute(2, 0, 1).unsqueeze(0)
+    return F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+
+
+def snap_box(box: Box, factor: int) -> Box:
+    """``box`` with its edges on the grid of whole pixels of a 1/``factor`` decode, in source pixels."""
+    return tuple(round(c / factor) * factor for c in box)
 
 
 def make_policy(name: str, ops: int, magnitude: int) -> v2.Transform | None:
@@ -123,21 +171,21 @@ def train_sample(
 ) -> torch.Tensor:
     """RandomResizedCrop + optional horizontal flip + optional policy -> uint8 tensor (3, size, size).
 
-    ``policy`` (from :func:`make_policy`) runs on the PIL image, where its ops are cheapest, and
-    draws from torch's global generator rather than ``rng``. ``resize > 0`` replaces the random
+    ``policy`` (from :func:`make_policy`) runs on the uint8 tensor and draws from torch's global
+    generator rather than ``rng``. ``resize > 0`` replaces the random
     crop by the test-time one (shorter side to ``resize``, centre crop ``size``): FixRes training.
     """
-    img = open_image(data)
-    box = center_crop_box(*img.size, resize, size) if resize else random_resized_crop_box(*img.size, scale, ratio, rng)
-    out = crop_resize(img, box, size)
+    width, height = image_size(data)
+    box = center_crop_box(width, height, resize, size) if resize else random_resized_crop_box(
+        width, height, scale, ratio, rng)
+    out = crop_resize(data, box, size)
     if hflip and rng.random() < 0.5:
-        out = out.transpose(Image.FLIP_LEFT_RIGHT)
+        out = out.flip(-1)
     if policy is not None:
         out = policy(out)
-    return pil_to_tensor(out)
+    return out
 
 
 def eval_sample(data: bytes, resize: int, crop: int) -> torch.Tensor:
     """Resize (shorter side) + centre crop -> uint8 tensor (3, crop, crop)."""
-    img = open_image(data)
-    return pil_to_tensor(crop_resize(img, center_crop_box(*img.size, resize, crop), crop))
+    return crop_resize(data, center_crop_box(*image_size(data), resize, crop), crop)

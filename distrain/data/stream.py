@@ -51,7 +51,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
@@ -339,8 +339,10 @@ class ShardStream(IterableDataset):
 
 
 def _collate(images: list[torch.Tensor], labels: list[int], keys: list[str], bad: list[BadSample]) -> dict:
+    # Inside a worker default_collate stacks straight into shared memory, saving the copy that
+    # sending the batch to the training process would otherwise make.
     return {
-        "image": torch.stack(images),
+        "image": default_collate(images),
         "label": torch.tensor(labels, dtype=torch.int64),
         "key": list(keys),
         "bad": bad,

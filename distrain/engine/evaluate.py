@@ -7,13 +7,15 @@ sums. No padding duplicates, so accuracy is identical on 1, 2 or N ranks.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch import nn
+
+from distrain.data.device import ToDevice, prefetch_to_device
 
 
 def batch_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -35,7 +37,7 @@ def batch_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: Iterable[dict], to_device: Callable, accelerator: Accelerator
+    model: nn.Module, loader: Iterable[dict], to_device: ToDevice, accelerator: Accelerator
 ) -> dict[str, float]:
     """Eval metrics of ``model`` over the whole eval set, identical on every rank.
 
@@ -47,8 +49,7 @@ def evaluate(
     model.eval()
     sums = torch.zeros(4, device=accelerator.device)
     skipped = 0
-    for batch in loader:
-        images, labels = to_device(batch)
+    for batch, images, labels in prefetch_to_device(loader, to_device):
         sums += batch_sums(model(images), labels)
         skipped += len(batch["bad"])
     sums = torch.cat([sums, torch.tensor([float(skipped)], device=sums.device)])
@@ -67,14 +68,13 @@ def evaluate(
 
 @torch.no_grad()
 def sample_hits(
-    model: nn.Module, loader: Iterable[dict], to_device: Callable, accelerator: Accelerator
+    model: nn.Module, loader: Iterable[dict], to_device: ToDevice, accelerator: Accelerator
 ) -> dict[str, bool]:
     """Whether each real eval sample (by key) is classified right (top-1), gathered to every rank."""
     was_training = model.training
     model.eval()
     mine: dict[str, bool] = {}
-    for batch in loader:
-        images, labels = to_device(batch)
+    for batch, images, labels in prefetch_to_device(loader, to_device):
         right = (model(images).argmax(dim=1) == labels).tolist()
         mine.update((k, r) for k, r, y in zip(batch["key"], right, batch["label"].tolist()) if y >= 0)
     model.train(was_training)

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from distrain.config import Config, dump, to_dict
-from distrain.data.device import ToDevice
+from distrain.data.device import ToDevice, prefetch_to_device
 from distrain.data.stream import PAD_LABEL
 from distrain.dist import build_accelerator
 from distrain.dist.deepspeed import fill_deepspeed_batch, is_partitioned
@@ -132,8 +132,11 @@ def train(cfg: Config, resume: str | None = None, allow_config_change: bool = Fa
     summaries = []
     try:
         fixres = fixres_config(cfg) if cfg.fixres.epochs else None
-        # A run resumed inside its FixRes phase has finished (and exported) its main phase.
-        if not (fixres and resume and checkpoint_dirs(fixres.out_dir)):
+        # A run resumed inside its FixRes phase, or after its main phase wrote its summary (the last
+        # thing a phase does), has finished and exported the main phase.
+        main_done = fixres and resume and (
+            checkpoint_dirs(fixres.out_dir) or (resume == "auto" and (cfg.out_dir / "summary.json").is_file()))
+        if not main_done:
             summaries.append(_train(cfg, accelerator, signals, resume, allow_config_change, _Phase()))
         if fixres:
             main_updates = summaries[0]["updates"] if summaries else load_trainer_state(
@@ -250,9 +253,8 @@ def _train(
             train_mode()  # again after each eval, which leaves the model in eval mode
             stream.set_position(state.epoch, state.batch_in_epoch)
             stream.set_size(train_size(cfg, state.epoch))
-            for batch in loader(cfg, stream):
+            for batch, images, targets in prefetch_to_device(loader(cfg, stream), to_device):
                 new_bad += batch["bad"]
-                images, targets = to_device(batch)
                 if cfg.data.random_erasing:
                     images = random_erasing(images, cfg.data.random_erasing)
                 if mixcut.enabled:
