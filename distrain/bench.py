@@ -11,10 +11,13 @@ that machine drift hits all of them alike:
 
 Without ``--data`` it builds an ImageNet-like JPEG set from the real photographs bundled with
 scikit-learn: random crops rescaled to a short side of 300-500 px, aspect 3:4 to 4:3, quality 90.
+``--data`` given as shards is sampled into such a tree first, so that the three pipelines still
+read the same files: the bench measures the CPU cost of the user's own images, not their storage.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 import statistics
 import time
@@ -24,8 +27,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from distrain.data.shards import resolve_shards
-from distrain.data.stream import Augment, ShardStream, make_loader
+from distrain.data.decode import JPEG_MAGIC, image_size
+from distrain.data.index import INDEX_NAME
+from distrain.data.shards import reads_for_range, resolve_shards
+from distrain.data.stream import Augment, ShardStream, make_loader, read_samples
 from distrain.errors import DistrainError
 
 PIPELINES = ("distrain", "torchvision", "decode")
@@ -61,6 +66,41 @@ def make_photo_set(out: Path, count: int = 2000, classes: int = 10, seed: int = 
         if rng.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         img.save(root / f"c{i % classes:02d}" / f"{i:05d}.jpg", quality=90)
+    return out
+
+
+def sample_shards(spec: str, out: Path, count: int) -> Path:
+    """Copy the first ``count`` usable samples of a shard set into ``out/train/<class>/<key>.<ext>``.
+
+    Written once and reused while complete. Bad samples (no image or label, or an image whose
+    header no decoder reads) are passed over, as the training stream would skip them.
+
+    Returns:
+        ``out``, a tree that :func:`bench_loader` reads like any image folder.
+
+    Raises:
+        DistrainError: ``spec`` names no shards, or they hold no usable sample.
+    """
+    shard_set = resolve_shards(spec)
+    root = out / "train"
+    if root.is_dir() and sum(1 for _ in root.glob("*/*")) == min(count, shard_set.total):
+        return out
+    classes = shard_set.classes
+    # Without class names in the index any label is accepted; it only names a folder here.
+    reads = reads_for_range(list(shard_set.shards), 0, shard_set.total)
+    written = 0
+    for sample in read_samples(reads, len(classes) or 2**31):
+        if sample.bad or not _readable(sample.data):
+            continue
+        folder = root / (classes[sample.label] if classes else f"c{sample.label}")
+        folder.mkdir(parents=True, exist_ok=True)
+        ext = "jpg" if sample.data[:2] == JPEG_MAGIC else "png"
+        (folder / f"{written:06d}-{sample.key}.{ext}").write_bytes(sample.data)
+        written += 1
+        if written == count:
+            break
+    if not written:
+        raise DistrainError(f"--data {spec}: the shards hold no usable sample")
     return out
 
 
@@ -119,20 +159,22 @@ def _rate(loader: DataLoader, batches: int, batch: int) -> float:
     return n * batch / elapsed
 
 
-def bench_loader(data: Path | None, workers: int, resolutions: list[int], batch: int = 64, rounds: int = 3,
+def bench_loader(data: str | Path | None, workers: int, resolutions: list[int], batch: int = 64, rounds: int = 3,
                  batches: int = 20, work_dir: Path = Path("runs/bench"), images: int = 2000) -> dict:
     """Measure the pipelines (see the module docstring) and return images/s and ratios.
 
     Args:
-        data: A class-per-folder tree (``train/<class>/*.jpg`` or ``<class>/*.jpg``); None builds
-            the photo set in ``work_dir``. Shards are written next to it for the distrain stream.
+        data: A class-per-folder tree (``train/<class>/*.jpg`` or ``<class>/*.jpg``), or a shard
+            spec (a shard-set directory, tar, glob or brace pattern) whose first ``images`` samples
+            are copied into such a tree; None builds the photo set in ``work_dir``. Shards are
+            written from the tree for the distrain stream.
         workers: DataLoader worker processes for every pipeline.
         resolutions: Training resolutions to measure.
         batch: Batch size for every pipeline.
         rounds: Alternating rounds; each figure is the median over rounds.
         batches: Batches timed per pipeline per round.
         work_dir: Where the generated photo set and the shards go.
-        images: Size of the generated photo set.
+        images: Size of the generated photo set, or of the sample of ``data`` given as shards.
 
     Returns:
         ``{"images_per_s": {pipeline: {res: value}}, "ratios": {"vs_torchvision": {res: r},
@@ -142,12 +184,15 @@ def bench_loader(data: Path | None, workers: int, resolutions: list[int], batch:
 
     if data is None:
         data = make_photo_set(work_dir / f"photos-{images}", count=images)
+    elif is_shard_spec(data):
+        data = sample_shards(str(data), work_dir / f"sample-{images}-{_slug(data)}", images)
+    data = Path(data)
     folder = data / "train" if (data / "train").is_dir() else data
     files = sorted(p for p in folder.glob("*/*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     if len(files) < batch * (batches + 1):
         raise DistrainError(f"--data {data}: {len(files)} images, need at least {batch * (batches + 1)}")
-    shards = work_dir / f"shards-{len(files)}"
-    if not (shards / "train" / "index.json").is_file():
+    shards = work_dir / f"shards-{_slug(folder)}-{len(files)}"
+    if not (shards / "train" / INDEX_NAME).is_file():
         write_folder(data, shards, samples_per_shard=500, overwrite=True, progress=False)
     results: dict[str, dict[int, list[float]]] = {p: {r: [] for r in resolutions} for p in PIPELINES}
     for k in range(rounds):
@@ -168,10 +213,29 @@ def bench_loader(data: Path | None, workers: int, resolutions: list[int], batch:
             "vs_torchvision": {r: rates["distrain"][r] / rates["torchvision"][r] for r in resolutions},
             "vs_decode": {r: rates["distrain"][r] / rates["decode"][r] for r in resolutions},
         },
+        "data": str(folder),
         "workers": workers,
         "batch": batch,
         "images": len(files),
     }
+
+
+def _readable(data: bytes) -> bool:
+    try:
+        image_size(data)
+    except Exception:  # PIL raises many types for bytes that are no image; all mean the same here
+        return False
+    return True
+
+
+def is_shard_spec(data: str | Path) -> bool:
+    """Whether ``--data`` names shards (a tar, a pattern, or a directory with a shard index)."""
+    path = Path(data)
+    return not path.is_dir() or (path / INDEX_NAME).is_file()
+
+
+def _slug(data: str | Path) -> str:
+    return hashlib.sha1(str(Path(data).resolve()).encode()).hexdigest()[:10]
 
 
 def format_loader(result: dict) -> str:
@@ -183,12 +247,12 @@ def format_loader(result: dict) -> str:
     for r in rates["distrain"]:
         cells = "  ".join(f"{rates[p][r]:>7.0f} ({rates[p][r] / w:>5.0f}/w)" for p in PIPELINES)
         lines.append(f"{r:>5}  {cells}  {ratios['vs_torchvision'][r]:>13.2f}x  {ratios['vs_decode'][r]:>8.2f}x")
-    lines.append(f"images/s ({result['workers']} workers, batch {result['batch']}, {result['images']} images, "
-                 "median of alternating rounds); /w = per worker")
+    lines.append(f"images/s ({result['workers']} workers, batch {result['batch']}, {result['images']} images in "
+                 f"{result['data']}, median of alternating rounds); /w = per worker")
     return "\n".join(lines)
 
 
-def bench_step(model_name: str = "resnet18", res: int = 64, batch: int = 32, updates: int = 10, rounds: int = 3,
+def bench_step(model_name: str = "resnet18", res: int = 64, batch: int = 32, updates: int = 30,
                classes: int = 100) -> dict:
     """Seconds per optimizer update of distrain's step against a plain PyTorch loop, and the EMA's cost.
 
@@ -196,7 +260,7 @@ def bench_step(model_name: str = "resnet18", res: int = 64, batch: int = 32, upd
     ``accelerator.accumulate``, :func:`~distrain.engine.step.finish_update`, the device-side loss
     sum, and :meth:`EMA.update` when on) with label smoothing 0.1. The plain loop does the same
     forward, loss, backward, SGD step and zero_grad on an identical model. Data come from memory.
-    The variants alternate in rounds; each figure is the median over rounds.
+    The variants alternate update by update; each figure is the median over ``updates`` updates.
 
     Returns:
         ``{"seconds_per_update": {"plain": s, "distrain": s, "distrain_ema": s}, "overhead": {...},
@@ -234,35 +298,37 @@ def bench_step(model_name: str = "resnet18", res: int = 64, batch: int = 32, upd
     def loss_fn(logits, y):
         return F.cross_entropy(logits, y, label_smoothing=0.1)
 
-    def run_distrain(with_ema: bool) -> None:
-        loss_sum = torch.zeros((), device=accelerator.device)
-        for u in range(updates):
-            with accelerator.accumulate(model):
-                loss, _ = micro_batch(accelerator, model, optimizer, loss_fn, images, targets, lambda: 0.01)
-                loss_sum += loss
-                finish_update(accelerator, model, optimizer, None, check_finite=True)
-            if with_ema:
-                ema.update(unwrapped, u + 1)
-        float(loss_sum)  # one host sync per window, as the loop's logging does
+    loss_sum = torch.zeros((), device=accelerator.device)
 
-    def run_plain() -> None:
-        for _ in range(updates):
-            loss = loss_fn(plain(images), targets)
-            loss.backward()
-            plain_optimizer.step()
-            plain_optimizer.zero_grad(set_to_none=True)
+    def distrain_update(u: int, with_ema: bool) -> None:
+        with accelerator.accumulate(model):
+            loss, _ = micro_batch(accelerator, model, optimizer, loss_fn, images, targets, lambda: 0.01)
+            loss_sum.add_(loss)  # the loop's device-side window sum (read at log time, not timed here)
+            finish_update(accelerator, model, optimizer, None, check_finite=True)
+        if with_ema:
+            ema.update(unwrapped, u + 1)
 
-    variants = {"plain": run_plain, "distrain": lambda: run_distrain(False), "distrain_ema": lambda: run_distrain(True)}
+    def plain_update(u: int) -> None:
+        loss = loss_fn(plain(images), targets)
+        loss.backward()
+        plain_optimizer.step()
+        plain_optimizer.zero_grad(set_to_none=True)
+
+    variants = {"plain": plain_update, "distrain": lambda u: distrain_update(u, False),
+                "distrain_ema": lambda u: distrain_update(u, True)}
     for fn in variants.values():  # warm-up: allocator, autotuning, first-call costs
-        fn()
+        fn(0)
+    # Updates interleave one by one, in a rotating order, so that drift and bursts of other load hit
+    # every variant alike; the median per variant drops the updates such bursts slowed down.
     times: dict[str, list[float]] = {k: [] for k in variants}
-    for k in range(rounds):
-        for name in (list(variants) if k % 2 == 0 else list(variants)[::-1]):
+    names = list(variants)
+    for u in range(updates):
+        for name in names[u % len(names):] + names[:u % len(names)]:
             _sync(accelerator.device)
             start = time.perf_counter()
-            variants[name]()
+            variants[name](u + 1)
             _sync(accelerator.device)
-            times[name].append((time.perf_counter() - start) / updates)
+            times[name].append(time.perf_counter() - start)
     per_update = {k: statistics.median(v) for k, v in times.items()}
 
     ema_times, floor_times = [], []
@@ -282,7 +348,7 @@ def bench_step(model_name: str = "resnet18", res: int = 64, batch: int = 32, upd
     ema_s, floor_s = statistics.median(ema_times), statistics.median(floor_times)
     base = per_update["plain"]
     return {
-        "model": model_name, "res": res, "batch": batch, "device": str(images.device),
+        "model": model_name, "res": res, "batch": batch, "updates": updates, "device": str(images.device),
         "seconds_per_update": per_update,
         "overhead": {"distrain": per_update["distrain"] / base - 1, "distrain_ema": per_update["distrain_ema"] / base - 1},
         "ema": {"update_s": ema_s, "floor_s": floor_s, "vs_floor": ema_s / floor_s,
@@ -299,7 +365,7 @@ def format_step(r: dict) -> str:
     """The step bench as a few lines of figures and ratios."""
     s, o, e = r["seconds_per_update"], r["overhead"], r["ema"]
     return "\n".join([
-        f"{r['model']} at {r['res']} px, batch {r['batch']}, on {r['device']} (median of alternating rounds)",
+        f"{r['model']} at {r['res']} px, batch {r['batch']}, on {r['device']} (median of {r['updates']} interleaved updates each)",
         f"  plain PyTorch loop     {s['plain'] * 1e3:8.2f} ms/update",
         f"  distrain step          {s['distrain'] * 1e3:8.2f} ms/update  ({o['distrain']:+.1%} vs plain)",
         f"  distrain step + EMA    {s['distrain_ema'] * 1e3:8.2f} ms/update  ({o['distrain_ema']:+.1%} vs plain)",

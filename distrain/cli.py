@@ -98,19 +98,17 @@ def _cmd_bench_step(args: argparse.Namespace) -> int:
     from distrain.bench import bench_step, format_step
 
     _quiet_cpu_deepspeed()
-    if min(args.res, args.batch, args.updates, args.rounds) <= 0:
-        raise DistrainError("--res, --batch, --updates and --rounds must be > 0")
+    if min(args.res, args.batch, args.updates) <= 0:
+        raise DistrainError("--res, --batch and --updates must be > 0")
     from distrain.models.factory import check_model_name
 
     check_model_name(args.model)
-    result = bench_step(args.model, args.res, args.batch, args.updates, args.rounds)
+    result = bench_step(args.model, args.res, args.batch, args.updates)
     _print_bench(format_step(result), result, args.json)
     return 0
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from distrain.bench import bench_loader, format_loader
 
     try:
@@ -119,10 +117,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise DistrainError(f"--res: expected comma-separated integers, got {args.res!r}") from None
     if args.workers < 0 or min(resolutions) <= 0:
         raise DistrainError("--workers must be >= 0 and --res values > 0")
-    data = Path(args.data) if args.data else None
-    if data is not None and not data.is_dir():
-        raise DistrainError(f"--data {data}: no such folder (expected a class-per-folder image tree)")
-    result = bench_loader(data, args.workers, resolutions, batch=args.batch, rounds=args.rounds,
+    result = bench_loader(args.data, args.workers, resolutions, batch=args.batch, rounds=args.rounds,
                           batches=args.batches, images=args.images)
     _print_bench(format_loader(result), result, args.json)
     return 0
@@ -292,8 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks (side by side, ratios in one run)")
     bsub = b.add_subparsers(dest="bench", required=True)
     bl = bsub.add_parser("loader", help="images/s of distrain's loader vs torchvision's reference and decode-only")
-    bl.add_argument("--data", help="a class-per-folder JPEG tree (default: a photo-like set made from "
-                                   "scikit-learn's bundled photographs)")
+    bl.add_argument("--data", help="shards (a shard-set folder, tar, glob or brace pattern; the first --images "
+                                   "samples are used) or a class-per-folder JPEG tree (default: a photo-like set "
+                                   "made from scikit-learn's bundled photographs)")
     bl.add_argument("--workers", type=int, default=2, help="DataLoader workers for every pipeline")
     bl.add_argument("--res", default="128,176,224", help="training resolutions")
     bl.add_argument("--batch", type=int, default=64)
@@ -306,8 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--model", default="resnet18")
     bs.add_argument("--res", type=int, default=64)
     bs.add_argument("--batch", type=int, default=32)
-    bs.add_argument("--updates", type=int, default=10, help="updates timed per variant and round")
-    bs.add_argument("--rounds", type=int, default=3)
+    bs.add_argument("--updates", type=int, default=30, help="updates timed per variant (interleaved; median)")
     bs.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     bs.set_defaults(func=_cmd_bench_step)
 

@@ -66,7 +66,12 @@ def finish_update(
                 "update before its norm is known; continue from the newest checkpoint with --resume auto"
             )
         return norm, True
-    norm = accelerator.clip_grad_norm_(model.parameters(), max_norm or math.inf)  # inf: measure, don't clip
+    if max_norm:
+        norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+    else:
+        # Measure only: clip_grad_norm_ with an infinite bound would also rescale every gradient by 1.
+        accelerator.unscale_gradients()
+        norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     applied = not check_finite or bool(torch.isfinite(norm))
     if applied:
         optimizer.step()
