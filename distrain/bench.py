@@ -1,5 +1,8 @@
 """``distrain bench loader``: how many images/s can this node feed, against the reference pipeline.
 
+(``distrain bench step`` and ``distrain bench parity`` are further down: the cost of a training
+step, and the accuracy of a recipe, each against a plain PyTorch loop.)
+
 Pipelines, measured with the same DataLoader worker count and batch size, alternating in rounds so
 that machine drift hits all of them alike:
 
@@ -18,6 +21,7 @@ read the same files: the bench measures the CPU cost of the user's own images, n
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import statistics
 import time
@@ -27,6 +31,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from distrain.config import Config
 from distrain.data.decode import JPEG_MAGIC, image_size
 from distrain.data.index import INDEX_NAME
 from distrain.data.shards import reads_for_range, resolve_shards
@@ -374,3 +379,295 @@ def format_step(r: dict) -> str:
         f"  EMA amortized          every 1: {e['amortized']['every_1']:.2%} of a step; every 32: "
         f"{e['amortized']['every_32']:.3%}",
     ])
+
+
+# ``distrain bench parity``: the recipe of the notes' measurement (ResNet-20, CIFAR, He et al.'s
+# batch 128 and LR 0.1 with Nesterov, weight decay 5e-4 off norm/bias, zero-init residual gamma,
+# cosine to 0 without warmup, pad-4 crop + flip, no label smoothing), as a distrain recipe.
+def parity_config(epochs: int, batch: int, crop: str, pad_fill: str, workers: int) -> Config:
+    """The parity recipe as a distrain config (data paths, seed and run dir are set per run)."""
+    from distrain.config import from_dict
+
+    return from_dict({
+        "name": "parity",
+        "data": {"train_crop": 32, "eval_resize": 32, "eval_crop": 32, "crop": crop, "pad": 4, "pad_fill": pad_fill,
+                 "scale": [0.64, 1.0], "ratio": [0.75, 1.3333], "hflip": True,
+                 "mean": [0.4914, 0.4822, 0.4465], "std": [0.2470, 0.2435, 0.2616],
+                 "workers": workers, "shuffle_block": 4096},
+        "model": {"name": "cifar_resnet20", "zero_init_residual": True},
+        "batch": {"per_device": batch, "accumulation": 1},
+        "optim": {"name": "sgd", "lr": 0.1, "base_batch": 128, "momentum": 0.9, "nesterov": True,
+                  "weight_decay": 5e-4, "norm_bias_decay": False},
+        "schedule": {"epochs": epochs, "warmup_epochs": 0, "decay": "cosine"},
+        "train": {"log_every": 50},
+        "eval": {"every_epochs": epochs, "batch_size": 500},
+        "checkpoint": {"every_epochs": epochs, "keep_last": 1, "keep_best": False},
+        "logging": {"wandb": False, "progress": False},
+    })
+
+
+def _split_root(data: Path) -> Path:
+    """The folder of an image tree (or extracted archive) that holds ``train/`` and ``test/`` (or ``val/``)."""
+    for root in (data, *sorted(p for p in data.iterdir() if p.is_dir())):
+        if (root / "train").is_dir() and ((root / "test").is_dir() or (root / "val").is_dir()):
+            return root
+    raise DistrainError(f"--data {data}: no train/ and test/ (or val/) class-per-folder splits found")
+
+
+def parity_data(data: str | Path, work_dir: Path, train_samples: int, test_samples: int) -> Path:
+    """A class-per-folder tree ``<dir>/train``, ``<dir>/test`` sampled from ``data``, and its shards.
+
+    ``data`` is an image tree with train/ and test/ (or val/) splits, or a ``.tar``/``.tar.gz`` of
+    one (the CIFAR-10 JPEG archive), extracted once into ``work_dir``. ``train_samples`` and
+    ``test_samples`` (0 = all) images are drawn at random, with a fixed seed, from each split; both
+    sides of the bench read exactly these files. Written once and reused.
+
+    Returns:
+        The subset's folder: ``tree/{train,test}`` (images) and ``shards/{train,test}``.
+    """
+    import shutil
+    import tarfile
+
+    from distrain.data.writer import write_folder
+
+    data = Path(data)
+    if not data.exists():
+        raise DistrainError(f"--data {data}: no such file or folder")
+    if data.is_file():
+        extracted = work_dir / f"extracted-{_slug(data)}"
+        if not (extracted / ".complete").is_file():
+            shutil.rmtree(extracted, ignore_errors=True)
+            try:
+                with tarfile.open(data) as tf:
+                    tf.extractall(extracted, filter="data")
+            except tarfile.TarError as e:
+                raise DistrainError(f"--data {data}: not a readable tar archive ({e})") from None
+            (extracted / ".complete").touch()
+        data = extracted
+    root = _split_root(data)
+    out = work_dir / f"subset-{_slug(root)}-{train_samples}-{test_samples}"
+    if (out / "shards" / "test" / INDEX_NAME).is_file():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    rng = random.Random(0)
+    for split, count in (("train", train_samples), ("test", test_samples)):
+        src = root / split if split == "train" or (root / "test").is_dir() else root / "val"
+        files = sorted(p for p in src.glob("*/*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        if count > len(files):
+            raise DistrainError(f"--{split}-samples {count}: {src} holds only {len(files)} images")
+        for f in sorted(rng.sample(files, count)) if count else files:
+            (out / "tree" / split / f.parent.name).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, out / "tree" / split / f.parent.name / f.name)
+    write_folder(out / "tree", out / "shards", samples_per_shard=1000, overwrite=True, progress=False)
+    return out
+
+
+def _distrain_run(cfg: Config, subset: Path, seed: int, run_dir: Path) -> dict:
+    """Train ``cfg`` with ``distrain train`` in a subprocess, as a user would; its top-1 and seconds."""
+    import dataclasses
+    import shutil
+    import subprocess
+    import sys
+
+    from distrain.config import dump
+
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, not a continuation of an earlier bench's
+    run_dir.mkdir(parents=True)
+    cfg = dataclasses.replace(cfg, seed=seed, run_dir=str(run_dir), data=dataclasses.replace(
+        cfg.data, train=str(subset / "shards" / "train"), eval=str(subset / "shards" / "test")))
+    recipe = run_dir / "recipe.yaml"
+    recipe.write_text(dump(cfg))
+    start, cpu = time.perf_counter(), _children_cpu()
+    with open(run_dir / "train.log", "w") as log:
+        rc = subprocess.run([sys.executable, "-m", "distrain", "train", str(recipe)], stdout=log,
+                            stderr=subprocess.STDOUT).returncode
+    cpu = _children_cpu() - cpu
+    if rc != 0:
+        tail = (run_dir / "train.log").read_text().strip().splitlines()[-1:]
+        raise DistrainError(f"distrain train failed (exit {rc}): {' '.join(tail)}; see {run_dir / 'train.log'}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {"seed": seed, "top1": summary["eval/top1"], "seconds": time.perf_counter() - start, "cpu_seconds": cpu,
+            "eval_samples": summary["eval/samples"]}
+
+
+def _children_cpu() -> float:
+    """CPU seconds of the finished child processes (and theirs: the DataLoader workers)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _decoded(folder: Path, classes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image of a class-per-folder tree decoded once: uint8 (N, 3, H, W) and labels (N,).
+
+    Labels index ``classes`` (the training split's sorted class folders, as the shard writer
+    numbers them), so a test split that lacks a class keeps the same numbering.
+    """
+    from torchvision.transforms.v2 import functional as TF
+
+    files = sorted(p for p in folder.glob("*/*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    images = []
+    for f in files:
+        with Image.open(f) as img:
+            images.append(TF.pil_to_tensor(img.convert("RGB")))
+    return torch.stack(images), torch.tensor([classes.index(f.parent.name) for f in files])
+
+
+class _Augmented(Dataset):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self.transform(self.images[i]), self.labels[i]
+
+
+def _plain_run(cfg: Config, train: tuple, test: tuple, num_classes: int, seed: int) -> dict:
+    """The same recipe as a plain PyTorch loop, the way a user would write it; its top-1 and seconds.
+
+    Written without distrain's engine, optimizer, schedule or data code: torchvision transforms on
+    the decoded images, a shuffling DataLoader, SGD with two parameter groups, CosineAnnealingLR
+    stepped per update. Only the model comes from distrain.models, built after the same seeding as
+    ``distrain train`` does, so both sides start from the same weights.
+    """
+    import torch.nn.functional as F
+    from torchvision.transforms import v2
+
+    from distrain.models import create_model
+
+    start, cpu = time.perf_counter(), time.process_time()
+    d = cfg.data
+    torch.manual_seed(seed)
+    model = create_model(cfg.model.name, num_classes, "batch", cfg.model.zero_init_residual)
+    decay = [p for p in model.parameters() if p.ndim > 1]  # conv and linear weights; not BN or biases
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    lr = cfg.optim.lr * cfg.batch.per_device / cfg.optim.base_batch
+    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": cfg.optim.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}],
+                                lr=lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov)
+    if d.crop == "pad":
+        mode = "reflect" if d.pad_fill == "reflect" else "constant"
+        crop = v2.RandomCrop(d.train_crop, padding=d.pad, padding_mode=mode)
+    else:
+        crop = v2.RandomResizedCrop(d.train_crop, scale=tuple(d.scale), ratio=tuple(d.ratio), antialias=True)
+    transform = v2.Compose([crop, v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
+                            v2.Normalize(d.mean, d.std)])
+    loader = DataLoader(_Augmented(*train, transform), batch_size=cfg.batch.per_device, shuffle=True, drop_last=True)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.schedule.epochs * len(loader))
+    for _ in range(cfg.schedule.epochs):
+        model.train()
+        for x, y in loader:
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    model.eval()
+    normalize = v2.Normalize(d.mean, d.std)
+    correct = 0
+    with torch.no_grad():
+        for x, y in zip(test[0].split(500), test[1].split(500)):
+            correct += (model(normalize(x.float() / 255)).argmax(1) == y).sum().item()
+    return {"seed": seed, "top1": 100.0 * correct / len(test[1]), "seconds": time.perf_counter() - start,
+            "cpu_seconds": time.process_time() - cpu, "eval_samples": len(test[1])}
+
+
+SIDES = ("distrain", "plain")
+
+
+def _stats(values: list[float]) -> dict:
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"n": len(values), "mean": statistics.fmean(values), "std": std, "min": min(values), "max": max(values)}
+
+
+def _parity_summary(result: dict) -> dict:
+    """``result`` with per-side statistics, the difference of the means and whether it is within the seed spread."""
+    runs = result["runs"]
+    stats = {s: _stats([r["top1"] for r in runs[s]]) for s in SIDES if runs[s]}
+    out = {**result, "summary": stats}
+    if len(stats) == 2:
+        diff = stats["distrain"]["mean"] - stats["plain"]["mean"]
+        spread = max(stats[s]["max"] - stats[s]["min"] for s in SIDES)
+        out["difference"] = diff
+        out["seed_spread"] = spread
+        out["verdict"] = ("one seed: no spread to compare with" if min(st["n"] for st in stats.values()) < 2 else
+                          "within the seed spread" if abs(diff) <= spread else "beyond the seed spread")
+    return out
+
+
+def bench_parity(data: str | Path, train_samples: int = 10000, test_samples: int = 0, epochs: int = 5,
+                 seeds: list[int] = (0, 1, 2), batch: int = 128, crop: str = "pad", pad_fill: str = "zero",
+                 workers: int = 2, work_dir: Path = Path("runs/bench/parity"), json_path: str | None = None,
+                 log=print) -> dict:
+    """Train the parity recipe through ``distrain train`` and a plain PyTorch loop over several seeds.
+
+    Both sides read the same ``train_samples`` images of ``data`` (see :func:`parity_data`) and are
+    evaluated on the same ``test_samples`` test images. Runs go one at a time (two trainings on
+    shared cores slow each other down), alternating which side goes first per seed.
+
+    Args:
+        data: The CIFAR-10 JPEG archive or any class-per-folder tree with train/ and test/ splits.
+        train_samples: Training images drawn from the train split (0 = all).
+        test_samples: Test images drawn from the test split (0 = all).
+        epochs: Epochs per run.
+        seeds: One run per side and seed.
+        batch: Batch size (LR 0.1 per 128 images, scaled linearly).
+        crop: ``pad`` (pad-4 random crop) or ``rrc`` (RandomResizedCrop 0.64-1), on both sides.
+        pad_fill: ``zero`` or ``reflect`` padding of the ``pad`` crop.
+        workers: DataLoader workers of the distrain side.
+        work_dir: Where the sampled data and the distrain runs go.
+        json_path: Rewritten after every run with the figures so far (``"complete": false`` until the end).
+        log: Called with one line per finished run.
+
+    Returns:
+        ``{"runs": {"distrain": [{"seed", "top1", "seconds", "cpu_seconds", "eval_samples"}], "plain": [...]},
+        "summary": {side: {"n", "mean", "std", "min", "max"}}, "difference": distrain - plain mean,
+        "seed_spread": the larger min-max range, "verdict": str, ...}`` with top-1 in percent.
+    """
+    if min(epochs, batch, len(seeds)) <= 0 or min(train_samples, test_samples, workers) < 0:
+        raise DistrainError("--epochs, --batch and --seeds must be > 0; --train-samples, --test-samples and "
+                            "--workers >= 0")
+    if len(set(seeds)) != len(seeds):
+        raise DistrainError(f"--seeds: each seed once, got {' '.join(map(str, seeds))}")
+    cfg = parity_config(epochs, batch, crop, pad_fill, workers)
+    work_dir = Path(work_dir)
+    subset = parity_data(data, work_dir, train_samples, test_samples)
+    classes = sorted(p.name for p in (subset / "tree" / "train").iterdir() if p.is_dir())
+    train, test = _decoded(subset / "tree" / "train", classes), _decoded(subset / "tree" / "test", classes)
+    if len(train[1]) < batch:
+        raise DistrainError(f"--batch {batch}: larger than the {len(train[1])} training images")
+    result = {"data": str(data), "train_samples": len(train[1]), "test_samples": len(test[1]), "epochs": epochs,
+              "batch": batch, "crop": crop, "pad_fill": pad_fill, "seeds": list(seeds),
+              "recipe": "ResNet-20, SGD Nesterov 0.9, LR 0.1 per 128, wd 5e-4 not on norm/bias, zero-init residual "
+                        "gamma, cosine, no warmup, no label smoothing",
+              "runs": {s: [] for s in SIDES}, "complete": False}
+    run_root = work_dir / f"runs-{subset.name}-e{epochs}-b{batch}-{crop}-{pad_fill}"
+    for i, seed in enumerate(seeds):
+        for side in SIDES if i % 2 == 0 else SIDES[::-1]:
+            if side == "distrain":
+                r = _distrain_run(cfg, subset, seed, run_root / f"seed{seed}")
+            else:
+                r = _plain_run(cfg, train, test, len(classes), seed)
+            result["runs"][side].append(r)
+            log(f"{side:>8} seed {seed}: top-1 {r['top1']:.2f}% ({r['seconds']:.0f} s, {r['cpu_seconds']:.0f} CPU s)")
+            if json_path:
+                Path(json_path).write_text(json.dumps(_parity_summary(result), indent=1) + "\n")
+    result["complete"] = True
+    return _parity_summary(result)
+
+
+def format_parity(r: dict) -> str:
+    """The parity bench as a table: top-1 per side, mean, std and min-max over seeds."""
+    lines = [f"{'':>9}  {'mean':>7}  {'std':>5}  {'min':>7}  {'max':>7}  per seed (top-1 %)"]
+    for side in SIDES:
+        s = r["summary"][side]
+        per_seed = "  ".join(f"{x['seed']}: {x['top1']:.2f}" for x in r["runs"][side])
+        lines.append(f"{side:>9}  {s['mean']:>7.2f}  {s['std']:>5.2f}  {s['min']:>7.2f}  {s['max']:>7.2f}  {per_seed}")
+    lines.append(f"distrain - plain: {r['difference']:+.2f} points; seed spread (larger min-max) "
+                 f"{r['seed_spread']:.2f}: {r['verdict']}")
+    lines.append(f"{r['recipe']}; {r['crop']} crop ({r['pad_fill']} fill) + flip, batch {r['batch']}, {r['epochs']} "
+                 f"epochs, {r['train_samples']} training and {r['test_samples']} test images of {r['data']}")
+    return "\n".join(lines)

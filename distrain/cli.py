@@ -123,6 +123,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_parity(args: argparse.Namespace) -> int:
+    from distrain.bench import bench_parity, format_parity
+
+    _quiet_cpu_deepspeed()
+    result = bench_parity(args.data, args.train_samples, args.test_samples, args.epochs, args.seeds, args.batch,
+                          args.crop, args.pad_fill, args.workers, args.work_dir, args.json,
+                          log=lambda line: print(line, flush=True))
+    _print_bench(format_parity(result), result, args.json)
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from distrain.engine.standalone import export_checkpoint
 
@@ -255,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. batch.per_device=64")
     t.add_argument("--resume", metavar="auto|PATH", help="continue from the newest checkpoint of the run dir, or PATH")
     t.add_argument("--allow-config-change", action="store_true",
-                   help="resume even if the model or batch maths differ from the checkpoint's (not exact)")
+                   help="resume even if settings that decide the data, augmentation, loss or LR differ "
+                        "from the checkpoint's (not exact)")
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on its eval shards (1 or N processes)")
@@ -305,6 +317,23 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--updates", type=int, default=30, help="updates timed per variant (interleaved; median)")
     bs.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     bs.set_defaults(func=_cmd_bench_step)
+
+    bp = bsub.add_parser("parity", help="top-1 of the same CIFAR recipe through distrain train and a plain PyTorch "
+                                        "loop, over several seeds")
+    bp.add_argument("--data", required=True,
+                    help="the CIFAR-10 JPEG archive (.tar.gz) or a class-per-folder tree with train/ and test/")
+    bp.add_argument("--train-samples", type=int, default=10000, help="training images drawn from train/ (0 = all)")
+    bp.add_argument("--test-samples", type=int, default=0, help="test images drawn from test/ (0 = all)")
+    bp.add_argument("--epochs", type=int, default=5)
+    bp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per side and seed")
+    bp.add_argument("--batch", type=int, default=128, help="batch size (LR 0.1 per 128, scaled linearly)")
+    bp.add_argument("--crop", choices=["pad", "rrc"], default="pad",
+                    help="pad-4 random crop, or RandomResizedCrop(0.64-1); + flip, on both sides")
+    bp.add_argument("--pad-fill", choices=["zero", "reflect"], default="zero")
+    bp.add_argument("--workers", type=int, default=2, help="DataLoader workers of the distrain side")
+    bp.add_argument("--work-dir", default="runs/bench/parity", help="where the sampled data and the runs go")
+    bp.add_argument("--json", metavar="PATH", help="also write the figures as JSON (rewritten after every run)")
+    bp.set_defaults(func=_cmd_bench_parity)
 
     x = sub.add_parser("export", help="write a checkpoint's model weights (DeepSpeed ZeRO partitions merged) "
                                       "as one fp32 state dict for plain PyTorch")

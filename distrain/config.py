@@ -38,7 +38,7 @@ class DataConfig:
     train_samples: int = 0
     """Size of the training set for ``distrain plan`` without data; 0 reads the shard index."""
     train_crop: int = 224
-    """Training resolution (RandomResizedCrop output); progressive resizing changes it per epoch."""
+    """Training resolution (the random crop's output side); progressive resizing changes it per epoch."""
     train_resize: int = 0
     """0 trains on RandomResizedCrop; > 0 trains on test-time preprocessing instead (shorter side to
     this, centre crop ``train_crop``, flip), as the FixRes fine-tuning phase does."""
@@ -48,6 +48,15 @@ class DataConfig:
     """RandomResizedCrop area range."""
     ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
     """RandomResizedCrop aspect-ratio range."""
+    crop: Literal["rrc", "pad"] = "rrc"
+    """Training crop: ``rrc`` is RandomResizedCrop (``scale``, ``ratio``); ``pad`` is the standard
+    CIFAR crop of He et al. 2016: the shorter side resized to ``train_crop`` (nothing to do for CIFAR
+    at 32 px), ``pad`` pixels added on every side, and a random ``train_crop`` square kept."""
+    pad: int = 4
+    """Pixels added on every side before a ``crop: pad`` crop (He et al. 2016 use 4 at 32 px)."""
+    pad_fill: Literal["zero", "reflect"] = "zero"
+    """What the padding of a ``crop: pad`` crop holds: ``zero`` (black, as the paper and
+    torchvision's RandomCrop default) or ``reflect`` (the image mirrored about its edge)."""
     hflip: bool = True
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
@@ -143,7 +152,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     clip_grad_norm: Optional[float] = None
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """auto: bf16 on GPUs that support it, fp32 on CPU."""
+    """auto: bf16 on GPUs with native bf16 (compute capability 8.0+: A100, H100, RTX 30xx and newer),
+    fp16 with dynamic loss scaling on older GPUs (V100, T4), fp32 on CPU; each rank asks its own GPU."""
     log_every: int = 10
     """Optimizer updates between logged training metrics."""
     max_updates: int = 0
@@ -231,6 +241,10 @@ class LoggingConfig:
     project: str = "distrain"
     progress: bool = True
     """Rank-0 progress bar."""
+    draws: bool = False
+    """Write every rank's device-side random draws (erased images, MixUp/CutMix lambda and box, and
+    checksums of the augmented batch) to ``RUN_DIR/draws/rank<R>.jsonl``: an audit of per-rank
+    randomness and exact resume."""
 
 
 @dataclass
@@ -472,6 +486,7 @@ def _check_values(cfg: Config) -> None:
         "mix.cutmix_alpha": cfg.mix.cutmix_alpha,
         "data.randaugment_ops": cfg.data.randaugment_ops,
         "data.train_resize": cfg.data.train_resize,
+        "data.pad": cfg.data.pad,
         "batch.global_batch": cfg.batch.global_batch,
         "progressive.start_size": cfg.progressive.start_size,
         "progressive.end_size": cfg.progressive.end_size,
@@ -529,6 +544,12 @@ def _check_values(cfg: Config) -> None:
             f"data.train_crop: {cfg.data.train_crop} is larger than data.train_resize {cfg.data.train_resize}"
         )
     pr = cfg.progressive
+    if cfg.data.crop == "pad" and cfg.data.pad_fill == "reflect":
+        # A reflection can only mirror as many pixels as the (resized) image has beside its edge.
+        side = min(s for s in (cfg.data.train_crop, pr.start_size, pr.end_size) if s)
+        if cfg.data.pad >= side:
+            raise DistrainError(f"data.pad: reflect fill needs a pad smaller than the training resolution {side}, "
+                                f"got {cfg.data.pad} (use data.pad_fill=zero or a smaller pad)")
     if pr.start_size:
         if pr.step <= 0:
             raise DistrainError(f"progressive.step: must be > 0, got {pr.step}")

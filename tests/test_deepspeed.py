@@ -273,3 +273,25 @@ def test_accelerate_deepspeed_launch_config_selects_zero(tmp_path, digits):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["updates"] == 3
     assert summary["replica_fingerprints"][0] == summary["replica_fingerprints"][1]
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.deepspeed
+@pytest.mark.parametrize("stage", [2, 3])
+def test_bf16_export_is_the_fp32_master_weights(tmp_path, digits, stage):
+    """Under DeepSpeed bf16 the module holds bf16 copies; the export must be the fp32 masters
+    (what zero_to_fp32 reads from the checkpoint), not those copies widened to fp32."""
+    distributed = {"backend": "deepspeed", "zero_stage": stage}
+    if stage == 3:
+        (tmp_path / "zero3.json").write_text(json.dumps(ZERO3_JSON))
+        distributed["deepspeed_config"] = str(tmp_path / "zero3.json")
+    cfg, run_dir = _write_recipe(tmp_path, digits, "bf16", distributed, ema={"decay": 0.0},
+                                 train={**RUN["train"], "max_updates": 3, "precision": "bf16"})
+    checked(distrain(["train", cfg], cwd=tmp_path, nproc=2))
+    exported, masters = load_file(run_dir / "model.safetensors"), _raw_weights(run_dir)
+    weights = [k for k in masters if k.endswith(".weight")]
+    assert weights and all(exported[k].dtype == torch.float32 for k in weights)
+    assert all(torch.equal(exported[k], masters[k].float()) for k in weights)
+    # Not bf16 values in fp32 clothing: the masters carry bits that bf16 rounds away.
+    assert any(not torch.equal(exported[k], exported[k].bfloat16().float()) for k in weights)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import checked, distrain
+from safetensors.torch import load_file
+from test_train import recipe
 
 from distrain.data.device import ToDevice, prefetch_to_device
 
@@ -55,6 +58,7 @@ def test_prefetch_on_cpu_is_to_device_in_turn():
     check_prefetch(torch.device("cpu"), ahead=0)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the side-stream prefetch runs on CUDA only")
 def test_prefetch_on_cuda_overlaps_one_batch():
     check_prefetch(torch.device("cuda"), ahead=1)
@@ -62,3 +66,12 @@ def test_prefetch_on_cuda_overlaps_one_batch():
 
 def test_prefetch_of_an_empty_loader():
     assert list(prefetch_to_device([], ToDevice(MEAN, STD, torch.device("cpu"), False))) == []
+
+
+def test_a_channels_last_run_trains_and_exports(tmp_path, digits):
+    # channels_last weights keep their strides in the export's copies; safetensors refused them.
+    cfg = recipe(tmp_path, digits, data={"eval": ""}, model={"channels_last": True},
+                 train={"max_updates": 2}, logging={"wandb": False})
+    checked(distrain(["train", cfg], cwd=tmp_path))
+    weights = load_file(tmp_path / "run" / "model.safetensors")
+    assert weights["conv1.weight"].is_contiguous()

@@ -10,12 +10,25 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import checked, distrain, logged_steps, read_jsonl, spawn_ranks, wait_for, write_layout
+from conftest import (
+    checked,
+    distrain,
+    logged_steps,
+    read_jsonl,
+    spawn_ranks,
+    wait_for,
+    write_layout,
+)
 from safetensors.torch import load_file
 from test_train import recipe
 from wandb_offline import read_offline_runs
 
-from distrain.errors import EXIT_BAD_DATA, EXIT_NONFINITE, EXIT_PEER_LOST, EXIT_PREEMPTED
+from distrain.errors import (
+    EXIT_BAD_DATA,
+    EXIT_NONFINITE,
+    EXIT_PEER_LOST,
+    EXIT_PREEMPTED,
+)
 from distrain.track.checkpoint import checkpoint_dirs
 
 pytestmark = pytest.mark.slow
@@ -219,4 +232,6 @@ def test_deterministic_runs_repeat_exactly(tmp_path, digits):
                      train={"max_updates": 8, "log_every": 1})
         checked(distrain(["train", cfg], cwd=tmp_path / name))
         runs.append(losses(tmp_path / name / "run"))
+        summary = json.loads((tmp_path / name / "run" / "summary.json").read_text())
+        assert summary["deterministic_algorithms"] is True  # what `deterministic: true` switches on
     assert runs[0] == runs[1]

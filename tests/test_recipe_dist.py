@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from conftest import checked, distrain, read_jsonl
@@ -22,6 +23,7 @@ TECHNIQUES = {
     "progressive": {"start_size": 12, "start_epoch": 0, "end_epoch": 1, "step": 4},  # 12 px, then 16
     "fixres": {"epochs": 1, "lr": 0.01},
     "distributed": {"timeout_s": 120},
+    "logging": {"draws": True},
 }
 
 
@@ -38,7 +40,42 @@ def test_all_techniques_on_two_ranks(tmp_path, digits, optimizer):
     assert a == b
     assert {"eval/top1", "eval/ema_top1", "eval/ema_top5", "eval/ema_loss"} <= summary.keys()
     train = [e for e in read_jsonl(run / "metrics.jsonl") if "train/loss" in e]
-    assert all(e["train/loss"] == e["train/loss"] for e in train)  # finite
+    assert train and all(math.isfinite(e["train/loss"]) for e in train)
+    # Each device-side technique acted, on both ranks (the draws log of logging.draws).
+    draws = [{(r["update"], r["micro"]): r for r in read_jsonl(run / "draws" / f"rank{k}.jsonl")} for k in (0, 1)]
+    assert draws[0].keys() == draws[1].keys() and len(draws[0]) == 25 * 2
+    for rank in draws:
+        mixes = [r["mix"] for r in rank.values()]
+        assert all(m is not None and 0 < m["lam"] <= 1 for m in mixes)  # prob 1: every batch is mixed
+        # ... and its targets are soft, but where a CutMix box at 12-16 px rounds to nothing (lam 1)
+        assert sum(m["lam"] < 1 for m in mixes) >= 0.85 * len(mixes)
+        assert {m["kind"] for m in mixes} == {"mixup", "cutmix"}
+        erased = sum(len(r["erased"]) for r in rank.values())
+        assert 0.15 < erased / (len(rank) * 16) < 0.35  # random_erasing 0.25 of the images
+    # Ghost BN: the run's model (built from its saved config, with its exported weights) normalises
+    # a micro-batch of 16 over ghost batches of 4, whose statistics differ from the whole batch's.
+    import torch
+    import yaml
+
+    from distrain.config import from_dict
+    from distrain.engine.build import build_model
+    from distrain.models.ghost_bn import GhostBatchNorm2d
+
+    run_cfg = from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    ghost, plain = build_model(run_cfg, 10), build_model(from_dict({**yaml.safe_load(
+        (run / "config.yaml").read_text()), "model": {**run_cfg.model.__dict__, "ghost_batch_size": 0}}), 10)
+    assert any(isinstance(m, GhostBatchNorm2d) for m in ghost.modules())
+    weights = load_file(run / "model.safetensors")
+    ghost.load_state_dict(weights)
+    plain.load_state_dict(weights)
+    x = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(ghost.eval()(x), plain.eval()(x), atol=1e-5)  # same running statistics at eval
+    assert not torch.allclose(ghost.train()(x), plain.train()(x), atol=1e-4)
+    # Repeated augmentation: repeats 2 on 2 ranks puts a sample's two copies on the two ranks,
+    # differently augmented (different pixels).
+    for at in draws[0]:
+        assert draws[0][at]["keys"] == draws[1][at]["keys"]
+        assert draws[0][at]["images_sum"] != draws[1][at]["images_sum"]
     assert [e["train/resolution"] for e in train] == [12] * 4 + [16]  # epoch 1 starts at update 23
     exported = load_file(run / "model.safetensors")
     ema = load_file(sorted((run / "checkpoints").iterdir())[-1] / "ema.safetensors")

@@ -57,6 +57,11 @@ def test_range_and_split_helpers():
 
     shards = [Shard("a", 5), Shard("b", 5), Shard("c", 5)]
     assert [(r.url, r.skip, r.take) for r in reads_for_range(shards, 3, 9)] == [("a", 3, 2), ("b", 0, 5), ("c", 0, 2)]
+    # a range past the end wraps around to the first shard
+    assert [(r.url, r.skip, r.take) for r in reads_for_range(shards, 12, 6)] == [("c", 2, 3), ("a", 0, 3)]
+    assert [(r.url, r.skip, r.take) for r in reads_for_range(shards, 17, 4)] == [("a", 2, 3), ("b", 0, 1)]
+    with pytest.raises(ValueError):
+        reads_for_range(shards, 0, 16)
 
 
 def test_even_layout_every_sample_once_over_2_ranks_x_2_workers(even):
@@ -122,3 +127,26 @@ def test_eval_counts_every_sample_exactly_once(uneven, world):
 def test_stream_refuses_more_batches_than_samples(even):
     with pytest.raises(DistrainError, match="need more than"):
         train_stream(even, 0, 2, 4, 5)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_the_dropped_remainder_rotates_over_epochs(tmp_path, world):
+    # One shard of 10 samples, 8 used per epoch (2 batches of 4 over all ranks): cut at offset 0
+    # every epoch, samples 8 and 9 would never be seen.
+    shards = resolve_shards(str(write_layout(tmp_path / "one", [10])))
+    seen = set()
+    for epoch in range(8):
+        per_rank = [[k for b in keys_of(train_stream(shards, r, world, 4 // world, 2), epoch, 0) for k in b]
+                    for r in range(world)]
+        used = [k for keys in per_rank for k in keys]
+        assert len(used) == len(set(used)) == 8  # each epoch: 8 distinct samples, none on two ranks
+        seen.update(used)
+    assert seen == {f"s{i:05d}" for i in range(10)}
+
+
+def test_a_rotated_epoch_resumes_exactly(tmp_path):
+    shards = resolve_shards(str(write_layout(tmp_path / "one", [10])))
+    full = keys_of(train_stream(shards, 0, 1, 2, 4), epoch=5, workers=2)
+    assert sorted(k for b in full for k in b) != [f"s{i:05d}" for i in range(8)]  # this epoch is rotated
+    for skip in (1, 3):
+        assert keys_of(train_stream(shards, 0, 1, 2, 4), epoch=5, workers=2, skip=skip) == full[skip:]

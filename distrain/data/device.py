@@ -15,21 +15,25 @@ class ToDevice:
         std: Per-channel std in [0, 1] units.
         device: Target device.
         channels_last: Return NHWC-strided tensors (faster convolutions on tensor-core GPUs).
+        dtype: Dtype of the returned images: float32, except for a model whose weights are 16-bit
+            (DeepSpeed bf16/fp16 trains the module itself in that dtype, without autocast).
     """
 
-    def __init__(self, mean: list[float], std: list[float], device: torch.device, channels_last: bool):
-        self.device = device
+    def __init__(self, mean: list[float], std: list[float], device: torch.device, channels_last: bool,
+                 dtype: torch.dtype = torch.float32):
+        self.device, self.dtype = device, dtype
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
         self.inv_std = 1.0 / (torch.tensor(std, device=device).view(1, 3, 1, 1) * 255)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (normalised float32 images, int64 labels) on the device."""
+        """Returns (normalised images of ``dtype``, int64 labels) on the device."""
         images = batch["image"].to(self.device, non_blocking=True)
         labels = batch["label"].to(self.device, non_blocking=True)
         # Change the layout on the uint8 (4x fewer bytes than after); the float ops below keep it.
         images = images.contiguous(memory_format=self.memory_format)
-        return (images.float() - self.mean) * self.inv_std, labels
+        normalised = (images.float() - self.mean) * self.inv_std
+        return (normalised if self.dtype == torch.float32 else normalised.to(self.dtype)), labels
 
 
 def prefetch_to_device(batches: Iterable[dict], to_device: ToDevice) -> Iterator[tuple[dict, torch.Tensor, torch.Tensor]]:
@@ -46,6 +50,11 @@ def prefetch_to_device(batches: Iterable[dict], to_device: ToDevice) -> Iterator
             yield batch, *to_device(batch)
         return
     side = torch.cuda.Stream(to_device.device)
+    # The side stream reads ``to_device.mean`` and ``inv_std``, computed by kernels queued on the
+    # compute stream (maybe still running), and two streams are unordered unless told otherwise:
+    # wait once for all the compute stream has queued so far. Per batch only the opposite wait is
+    # needed (below), so the copies still overlap the compute.
+    side.wait_stream(torch.cuda.current_stream(to_device.device))
 
     def start(batch: dict) -> tuple[dict, torch.Tensor, torch.Tensor]:
         with torch.cuda.stream(side):

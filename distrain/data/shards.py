@@ -3,7 +3,8 @@
 A shard spec (a shard-set directory, a tar path, a glob, a brace pattern, or a list of these)
 resolves to a :class:`ShardSet` whose counts come from each directory's ``index.json``. Each epoch
 the shards are put in a deterministic order for (seed, epoch), and the concatenated sample
-sequence is cut into contiguous ranges: one per rank, then one per DataLoader worker inside it.
+sequence, read from an offset per (seed, epoch) and wrapping around at its end, is cut into
+contiguous ranges: one per rank, then one per DataLoader worker inside it.
 Cutting samples rather than dealing whole shards is what gives every rank exactly the same number
 of batches whatever the shard sizes, and lets any number of ranks x workers read any number of
 shards.
@@ -94,7 +95,45 @@ class Read:
 
 
 def reads_for_range(shards: list[Shard], start: int, count: int) -> list[Read]:
+    """The shard reads covering samples [start, start + count) of the shards' concatenation, cyclically.
+
+    Positions from the total number of samples on wrap around to the first shard, so that a range
+    may start anywhere (see :func:`epoch_offset`); ``count`` may not exceed that total.
+
+    Raises:
+        ValueError: ``count`` exceeds the samples of ``shards``.
+    """
+    total = sum(s.samples for s in shards)
+    if count > total:
+        raise ValueError(f"{count} samples asked of shards holding {total}")
+    start = start % total if total else 0
+    head = min(count, total - start)
+    return _reads_within(shards, start, head) + _reads_within(shards, 0, count - head)
+
+
+# A seed word of its own ("rotation" in ASCII), so that the offset's draw is not the shard order's,
+# nor a block shuffle's ([seed, epoch, start, block]: numpy's seed sequences ignore trailing zeros).
+_ROTATION_WORD = 0x726F746174696F6E
+
+
+def epoch_offset(seed: int, epoch: int, total: int, used: int) -> int:
+    """Where epoch ``epoch`` starts reading its ``used`` of the ``total`` samples of the shard order.
+
+    When an epoch uses fewer samples than there are, the remainder it drops must be different
+    samples each epoch, even with a single shard whose order never changes: the cut starts at a
+    uniform offset drawn for (seed, epoch), the same on every rank and worker, and reads wrap
+    around (:func:`reads_for_range`). Each sample is then dropped with the same probability.
+    An epoch that uses every sample starts at 0.
+    """
+    if used >= total:
+        return 0
+    return int(np.random.default_rng([seed, epoch, _ROTATION_WORD]).integers(total))
+
+
+def _reads_within(shards: list[Shard], start: int, count: int) -> list[Read]:
     """The shard reads covering samples [start, start + count) of the shards' concatenation."""
+    if count <= 0:
+        return []
     reads, offset = [], 0
     end = start + count
     for shard in shards:

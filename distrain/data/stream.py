@@ -23,27 +23,35 @@ decoded) that metrics ignore, so every test sample is counted exactly once and e
 the same number of forward passes.
 
 Bad data never raises and never changes the number or shape of batches, since a rank that
-yields one batch fewer hangs the others in their next collective. A truncated or unreadable tar,
-a shard with fewer samples than its index says, a sample without image or ``.cls`` label, a label
-outside ``[0, num_classes)`` and an image that does not decode each make their sample positions
-bad ones, listed in the batch's ``"bad"`` as (shard url, sample key or "", reason) so that the
-training loop applies its policy (skip and count, or fail) on all ranks alike. A bad eval
-position becomes a label ``-1`` padding sample, so metrics exclude it. A bad training position
-holds a copy of a good sample of its batch (cycling through them), or of the worker's last good
-sample when the whole batch is bad, or zeros with label ``-1`` when the worker has produced no
-good sample yet: a training batch with label ``-1`` is entirely bad. Such all-bad batches are the
-one place where a resumed stream can differ from the uninterrupted one, which had an earlier good
-sample to copy.
+yields one batch fewer hangs the others in their next collective. A missing, truncated or
+malformed tar, a shard with fewer samples than its index says, a sample without image or ``.cls``
+label, a label outside ``[0, num_classes)`` and an image that does not decode each make their
+sample positions bad ones, listed in the batch's ``"bad"`` as (shard url, sample key or "",
+reason) so that the training loop applies its policy (skip and count, or fail) on all ranks
+alike. Only data errors do: any other error (a bug in a crop or augmentation, a permission
+error, a full disk) raises :class:`StreamError`, naming the shard and sample, at once; a transient
+read error of a network filesystem is retried a few times before the rest of its shard is bad.
+A bad eval position becomes a label ``-1`` padding sample, so metrics exclude it. A bad training
+position holds a copy of a good sample of its batch (cycling through them), or of the worker's
+last good sample when the whole batch is bad, or zeros with label ``-1`` when the worker has
+produced no good sample yet: a training batch with label ``-1`` is entirely bad. Such all-bad
+batches are the one place where a resumed stream can differ from the uninterrupted one, which
+had an earlier good sample to copy.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import gzip
 import math
 import os
 import random
 import signal
+import tarfile
 import threading
+import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import cycle, islice
@@ -51,13 +59,25 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
+from torch.utils.data import (
+    DataLoader,
+    IterableDataset,
+    default_collate,
+    get_worker_info,
+)
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from distrain.data.decode import eval_sample, make_policy, train_sample
+from distrain.data.decode import DecodeError, eval_sample, make_policy, train_sample
 from distrain.data.index import ShardSet
-from distrain.data.shards import Read, reads_for_range, repeat_layout, shard_order, split_evenly
+from distrain.data.shards import (
+    Read,
+    epoch_offset,
+    reads_for_range,
+    repeat_layout,
+    shard_order,
+    split_evenly,
+)
 from distrain.errors import DistrainError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -77,6 +97,9 @@ class Augment:
         randaugment_ops: RandAugment's number of ops per image.
         randaugment_magnitude: RandAugment's magnitude.
         resize: > 0 crops as at test time instead (shorter side to ``resize``, centre crop ``size``).
+        crop: ``rrc`` (RandomResizedCrop) or ``pad`` (pad-and-crop, the CIFAR crop of He et al. 2016).
+        pad: Pixels added on every side before a ``pad`` crop.
+        pad_fill: ``zero`` or ``reflect``: what the padding of a ``pad`` crop holds.
     """
 
     size: int
@@ -87,6 +110,9 @@ class Augment:
     randaugment_ops: int = 2
     randaugment_magnitude: int = 9
     resize: int = 0
+    crop: str = "rrc"
+    pad: int = 4
+    pad_fill: str = "zero"
 
 
 @dataclass(frozen=True)
@@ -140,35 +166,79 @@ def _checked(url: str, sample: dict, num_classes: int) -> Sample:
     return Sample(url, key, sample[ext], label)
 
 
+class StreamError(Exception):
+    """An error reading or preparing a sample that is not bad data: a bug, a permission or disk
+    problem. It stops the rank with a line naming the shard and sample, the original error chained."""
+
+
+# Errors of reading a tar that mean its content is missing, truncated or malformed: bad data.
+# webdataset raises ValueError for a sample holding two files of the same name.
+_TAR_DATA_ERRORS = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, FileNotFoundError, ValueError)
+# Read errors that a remote or network filesystem may raise once and not again.
+_TRANSIENT_ERRNOS = frozenset(getattr(errno, name) for name in (
+    "EIO", "EAGAIN", "ETIMEDOUT", "ECONNRESET", "ECONNABORTED", "ECONNREFUSED", "ENETDOWN", "ENETUNREACH",
+    "ENETRESET", "EHOSTDOWN", "EHOSTUNREACH", "ESTALE", "EREMOTEIO", "ENOLINK") if hasattr(errno, name))
+READ_TRIES = 4
+"""Opens of a shard, the first included, before a transient read error makes its rest bad."""
+RETRY_DELAY_S = 0.25
+"""Wait before the first reopen; it doubles at each further one."""
+
+
+def _transient(exc: Exception) -> bool:
+    return isinstance(exc, TimeoutError) or (isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS)
+
+
 def read_samples(reads: list[Read], num_classes: int) -> Iterator[Sample]:
     """One :class:`Sample` for each sample position the reads cover, in order, bad ones included.
 
     Exactly ``take`` records come out of each read whatever the shard holds, so that the batches
     built from them keep their number and size. Samples lacking an image or a label, or with a
     label outside ``[0, num_classes)``, are marked bad; so is every position past the point where
-    a shard stops: an unreadable or truncated tar (whose error is caught) or one that ends early.
+    a shard stops: a missing, truncated or malformed tar, or one that ends early. A transient read
+    error (EIO, a timeout, a reset connection, a stale NFS handle) reopens the shard after a short
+    wait, skipping what was already yielded, up to :data:`READ_TRIES` opens in all.
+
+    Raises:
+        StreamError: any other error, e.g. a permission error: it is not bad data, and is not
+            retried.
     """
     for r in reads:
-        seen, n = 0, 0
+        yield from _read_one(r, num_classes)
+
+
+def _read_one(r: Read, num_classes: int) -> Iterator[Sample]:
+    n, key = 0, ""  # samples of the read yielded so far, and the last one's key
+    for attempt in range(READ_TRIES):
+        seen = 0
         try:
             stream = gopen(r.url)
             try:
                 files = ({**f, "__url__": r.url} for f in tar_file_iterator(stream))
                 for sample in group_by_keys(files):
                     seen += 1
-                    if seen <= r.skip:
+                    if seen <= r.skip + n:
                         continue
+                    key = sample["__key__"]
                     yield _checked(r.url, sample, num_classes)
                     n += 1
                     if n == r.take:
                         break
             finally:
                 stream.close()
-        except Exception as exc:  # any failure to read a tar is bad data, never a crash of the rank
-            why = f"unreadable tar after {seen} samples: {_first_line(exc)}"
+        except Exception as exc:
+            if _transient(exc) and attempt + 1 < READ_TRIES:
+                time.sleep(RETRY_DELAY_S * 2**attempt)
+                continue
+            if not (_transient(exc) or isinstance(exc, _TAR_DATA_ERRORS)):
+                after = f" after sample {key!r}" if key else ""
+                raise StreamError(f"{r.url}: reading the shard failed{after} ({type(exc).__name__}: "
+                                  f"{_first_line(exc)}); not bad data, so the rank stops") from exc
+            tries = f" ({READ_TRIES} tries)" if _transient(exc) else ""
+            why = f"unreadable tar after {seen} samples{tries}: {_first_line(exc)}"
         else:
             why = f"shard ends after {seen} samples, fewer than its index says"
         yield from [Sample(r.url, "", b"", PAD_LABEL, why)] * (r.take - n)
+        return
 
 
 def block_shuffle(items: Iterator, block: int, seed_words: list[int], start: int = 0) -> Iterator:
@@ -204,8 +274,12 @@ def _decode(
             try:
                 images.append(decode(s.data))
                 continue
-            except Exception as exc:  # PIL raises many types for corrupt files; none may escape a worker
-                why = f"undecodable image: {_first_line(exc)}"
+            except DecodeError as exc:
+                why = f"undecodable image: {exc}"
+            except Exception as exc:  # a bug of the crop or augmentation, not of the data
+                raise StreamError(f"{s.url}: sample {s.key!r} decoded but its crop or augmentation failed "
+                                  f"({type(exc).__name__}: {_first_line(exc)}); not bad data, so the rank stops"
+                                  ) from exc
         images.append(None)
         bad.append(BadSample(s.url, s.key, why))
     return images, bad
@@ -295,7 +369,9 @@ class ShardStream(IterableDataset):
         group, unique = self.rank // self.rank_copies, self.batch_size // self.batch_copies
         start = (group * self.batches_per_epoch + b0) * unique
         count = (b1 - b0) * unique
-        samples = read_samples(reads_for_range(order, start, count), self.num_classes)
+        used = self.world_size // self.rank_copies * self.batches_per_epoch * unique
+        offset = epoch_offset(self.seed, self.epoch, self.shards.total, used)
+        samples = read_samples(reads_for_range(order, offset + start, count), self.num_classes)
         samples = block_shuffle(samples, self.shuffle_block, [self.seed, self.epoch, start], done * unique)
         a = self.augment
         policy = make_policy(a.policy, a.randaugment_ops, a.randaugment_magnitude)
@@ -311,7 +387,8 @@ class ShardStream(IterableDataset):
             with torch.random.fork_rng(devices=[]):
                 torch.default_generator.manual_seed(_batch_seed(*words, 1))
                 images, bad = _decode(
-                    chunk, lambda data: train_sample(data, a.size, a.scale, a.ratio, a.hflip, rng, policy, a.resize)
+                    chunk, lambda data: train_sample(data, a.size, a.scale, a.ratio, a.hflip, rng, policy, a.resize,
+                                                 a.crop, a.pad, a.pad_fill)
                 )
             labels, keys = [s.label for s in chunk], [s.key for s in chunk]
             good = [(im, labels[i], keys[i]) for i, im in enumerate(images) if im is not None]

@@ -82,6 +82,9 @@ def generated_config(cfg: Config, precision: str, per_device: int | str = AUTO, 
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16"},
+        # DeepSpeed casts only the parameters to 16 bits; BatchNorm refuses 16-bit weights next to
+        # fp32 running statistics, so the buffers follow the parameters (as module.bfloat16() did).
+        **({"data_types": {"buffer_dtype": precision}} if precision in ("bf16", "fp16") else {}),
         # distrain's optimizers (SGD, AdamW, LARS, LAMB) are torch ones, also under offload.
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
@@ -171,19 +174,29 @@ def gathered(model: nn.Module) -> Iterator[None]:
         yield
 
 
-def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
+def consolidated_state_dict(checkpoint: Path, what: str = "zero_to_fp32") -> dict[str, torch.Tensor]:
     """fp32 model weights of a DeepSpeed checkpoint made by ``accelerator.save_state``, merged from all
     ranks' partitions (DeepSpeed's zero_to_fp32), with the buffers (BN statistics) it saved.
 
+    zero_to_fp32 reads with ``torch.load(weights_only=False)``; here its loads run weights_only (see
+    :mod:`distrain.track.safeload`), so a file with pickled code is refused, not run.
+
+    Args:
+        checkpoint: The checkpoint directory.
+        what: The command reading it, the start of an error message (``export``, ``eval``).
+
     Raises:
-        DistrainError: the checkpoint holds no DeepSpeed model state.
+        DistrainError: the checkpoint holds no DeepSpeed model state, or a file in it holds pickled code.
     """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from distrain.track.safeload import refusing_pickled_code
 
     tags = sorted(p.name for p in checkpoint.iterdir() if p.is_dir() and p.name.startswith("pytorch_model"))
     if not tags:
         raise DistrainError(f"{checkpoint}: no DeepSpeed model state (pytorch_model*/) in this checkpoint")
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=tags[0])
+    with refusing_pickled_code(what):
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=tags[0])
     return {k: v.contiguous() if v.is_floating_point() else v for k, v in state.items()}
 
 
@@ -198,3 +211,42 @@ def fill_deepspeed_batch(cfg: Config, accelerator, plan) -> None:
     config = accelerator.state.deepspeed_plugin.deepspeed_config
     for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
         config[key] = filled[key]
+
+
+def master_weights(accelerator, model: nn.Module) -> dict[str, torch.Tensor]:
+    """Under DeepSpeed with bf16/fp16, every parameter's fp32 master copy, whole, on the CPU.
+
+    The module DeepSpeed trains holds 16-bit copies of the weights; the optimizer's fp32 partitions
+    are the real ones. Exporting the module's copies would round every weight to 8 (bf16) bits of
+    mantissa. Every rank must call this (each parameter is assembled with a collective); outside
+    DeepSpeed or in fp32 it returns ``{}`` (the module's weights are the masters).
+
+    Args:
+        accelerator: The run's Accelerator.
+        model: The unwrapped module (parameter names as in its state dict).
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED or accelerator.mixed_precision == "no":
+        return {}
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    masters = {}
+    for name, param in model.named_parameters():
+        full = safe_get_full_fp32_param(param)
+        if full is not None:
+            masters[name] = full.detach().float().cpu().clone()
+    return masters
+
+
+def input_dtype(accelerator) -> torch.dtype:
+    """The dtype the model's inputs must have: the 16-bit one under DeepSpeed bf16/fp16, else float32.
+
+    DeepSpeed casts the module itself to bf16/fp16 (no autocast), so float32 images would fail in
+    the first convolution; DDP runs autocast, which takes float32 inputs.
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)

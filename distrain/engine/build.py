@@ -72,7 +72,7 @@ def train_stream(cfg: Config, data: DataSets, plan: BatchPlan, accelerator: Acce
         seed=cfg.seed,
         num_classes=data.num_classes,
         augment=Augment(d.train_crop, tuple(d.scale), tuple(d.ratio), d.hflip, d.policy, d.randaugment_ops,
-                        d.randaugment_magnitude, d.train_resize),
+                        d.randaugment_magnitude, d.train_resize, d.crop, d.pad, d.pad_fill),
         batches_per_epoch=plan.micro_batches_per_epoch,
         shuffle_block=d.shuffle_block,
         repeats=d.repeats,

@@ -13,9 +13,9 @@ non-finite gradient under the ``stop`` policy, or a lost peer.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
-import pickle
 import sys
 import time
 from dataclasses import dataclass
@@ -32,13 +32,44 @@ from distrain.config import Config, dump, to_dict
 from distrain.data.device import ToDevice, prefetch_to_device
 from distrain.data.stream import PAD_LABEL
 from distrain.dist import build_accelerator
-from distrain.dist.deepspeed import fill_deepspeed_batch, is_partitioned
-from distrain.dist.setup import replica_fingerprints, shutdown, sync_buffers
+from distrain.dist.deepspeed import (
+    fill_deepspeed_batch,
+    input_dtype,
+    is_partitioned,
+    master_weights,
+)
+from distrain.dist.rng import (
+    Owner,
+    host_generator,
+    micro_batch_seed,
+    numpy_generator,
+    seed_layers,
+)
+from distrain.dist.setup import (
+    broadcast_from_main,
+    replica_fingerprints,
+    shutdown,
+    sync_buffers,
+)
 from distrain.dist.signals import StopSignals, agree, is_peer_failure, requeue_slurm_job
-from distrain.engine.build import build_model, eval_stream, loader, prepare_builtin, resolve_data, train_stream
+from distrain.engine.build import (
+    build_model,
+    eval_stream,
+    loader,
+    prepare_builtin,
+    resolve_data,
+    train_stream,
+)
 from distrain.engine.evaluate import evaluate
 from distrain.engine.step import finish_update, micro_batch
-from distrain.errors import BadDataError, DistrainError, NonFiniteStop, PeerLost, Preempted, RunStopped
+from distrain.errors import (
+    BadDataError,
+    DistrainError,
+    NonFiniteStop,
+    PeerLost,
+    Preempted,
+    RunStopped,
+)
 from distrain.optim import create_optimizer, lr_at
 from distrain.plan import BatchPlan, make_plan
 from distrain.track.checkpoint import (
@@ -52,12 +83,13 @@ from distrain.track.checkpoint import (
     resume_differences,
     save_checkpoint,
 )
+from distrain.track.lock import RunLock
 from distrain.track.metrics import MetricsLogger
 from distrain.track.progress import Progress
 from distrain.tricks.ema import EMA
-from distrain.tricks.erasing import random_erasing
+from distrain.tricks.erasing import apply_erasing, erasing_boxes
 from distrain.tricks.fixres import fixres_config, fixres_train_mode, freeze_for_fixres
-from distrain.tricks.mix import MixCut
+from distrain.tricks.mix import MixCut, MixDraw
 from distrain.tricks.progressive import train_size
 
 
@@ -119,7 +151,8 @@ def train(cfg: Config, resume: str | None = None, allow_config_change: bool = Fa
     Args:
         cfg: The validated config.
         resume: ``"auto"`` (newest checkpoint of the run dir, if any) or a checkpoint path.
-        allow_config_change: Resume even if the model or batch maths differ from the checkpoint's.
+        allow_config_change: Resume even if settings that decide the data, augmentation, loss or LR differ
+            from the checkpoint's (see ``resume_differences``).
 
     Returns:
         The final summary: run dir, updates, epochs, the last eval metrics.
@@ -128,9 +161,11 @@ def train(cfg: Config, resume: str | None = None, allow_config_change: bool = Fa
         Preempted, NonFiniteStop, BadDataError, PeerLost: the run stopped early (see their exit codes).
     """
     accelerator = build_accelerator(cfg)
+    lock = RunLock(cfg.out_dir)  # one live run per run dir; the FixRes phase writes inside it, under this lock
     signals = StopSignals().install()
     summaries = []
     try:
+        lock.acquire_for_run(accelerator)
         fixres = fixres_config(cfg) if cfg.fixres.epochs else None
         # A run resumed inside its FixRes phase, or after its main phase wrote its summary (the last
         # thing a phase does), has finished and exported the main phase.
@@ -158,12 +193,14 @@ def train(cfg: Config, resume: str | None = None, allow_config_change: bool = Fa
         if isinstance(ending, RunStopped):
             signals.ignore_further()
         shutdown(accelerator)
+        lock.release()
         if not isinstance(ending, RunStopped):
             signals.restore()
         if ending is error:
             raise
         raise ending from None
     shutdown(accelerator)
+    lock.release()
     signals.restore()
     if accelerator.is_main_process:
         for summary in summaries:  # last, after W&B's own closing lines
@@ -201,21 +238,22 @@ def _train(
     ema = EMA(unwrapped, cfg.ema.decay, cfg.ema.every, cfg.ema.warmup) if cfg.ema.decay else None
     # Label -1 marks a training batch the stream could not fill with any readable sample.
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing, ignore_index=PAD_LABEL)
-    m = cfg.mix
-    mixcut = MixCut(data.num_classes, m.mixup_alpha, m.cutmix_alpha, m.prob, m.switch_prob, cfg.train.label_smoothing)
-    loss_fn = mixcut.loss if mixcut.enabled else criterion
-    to_device = ToDevice(cfg.data.mean, cfg.data.std, accelerator.device, cfg.model.channels_last)
+    to_device = ToDevice(cfg.data.mean, cfg.data.std, accelerator.device, cfg.model.channels_last,
+                         input_dtype(accelerator))
 
     state = TrainerState(config=to_dict(cfg), plan=plan.as_dict())
     checkpoint = resolve_resume(resume, run_dir) if resume else None
     if checkpoint is not None:
         state = _resume(accelerator, checkpoint, state, allow, ema, is_partitioned(unwrapped))
 
+    rank = accelerator.process_index
     stream = train_stream(cfg, data, plan, accelerator)
+    mixcut = _mixcut(cfg, data.num_classes, plan, stream.batch_copies)
+    loss_fn = mixcut.loss if mixcut.enabled else criterion
+    draws = _DrawLog(run_dir, accelerator.process_index) if cfg.logging.draws else None
     eval_loader = None
     if data.eval is not None:
-        rank, world = accelerator.process_index, accelerator.num_processes
-        eval_loader = loader(cfg, eval_stream(cfg, data.eval, rank, world, data.num_classes))
+        eval_loader = loader(cfg, eval_stream(cfg, data.eval, rank, accelerator.num_processes, data.num_classes))
     logger = MetricsLogger(accelerator, cfg, run_dir, phase.name and phase.name + "/", phase.step_offset)
     last_update = min(plan.total_updates, cfg.train.max_updates or plan.total_updates)
     progress = Progress(last_update, state.update, enabled=accelerator.is_main_process and cfg.logging.progress)
@@ -231,7 +269,14 @@ def _train(
     new_bad: list[tuple[str, str, str]] = []  # this rank's bad samples since the last agreement
     consecutive_skips = 0
 
+    def sync_state() -> None:
+        # Rank 0's buffers are the run's, for the raw and the EMA weights alike (see sync_buffers).
+        sync_buffers(model, accelerator)
+        if ema is not None:
+            broadcast_from_main(ema.buffers(), accelerator)
+
     def save() -> Path:
+        sync_state()
         extras = {}
         if ema is not None:
             state.ema_updates, extras["ema"] = ema.n_updates, ema.shadow
@@ -239,7 +284,7 @@ def _train(
                                per_rank=is_partitioned(unwrapped))
 
     def run_eval() -> dict[str, float]:
-        sync_buffers(model, accelerator)
+        sync_state()
         metrics = evaluate(model, eval_loader, to_device, accelerator)
         if ema is not None:
             with ema.swapped(unwrapped):
@@ -255,10 +300,12 @@ def _train(
             stream.set_size(train_size(cfg, state.epoch))
             for batch, images, targets in prefetch_to_device(loader(cfg, stream), to_device):
                 new_bad += batch["bad"]
-                if cfg.data.random_erasing:
-                    images = random_erasing(images, cfg.data.random_erasing)
-                if mixcut.enabled:
-                    images, targets = mixcut(images, targets)
+                micro = state.batch_in_epoch % plan.accumulation
+                seed = functools.partial(micro_batch_seed, cfg.seed, rank, state.update, micro)  # (owner)
+                seed_layers(accelerator.device, seed(Owner.LAYERS))  # dropout, drop-path
+                images, targets, drawn = _augment_on_device(images, targets, cfg.data.random_erasing, mixcut, seed)
+                if draws is not None:
+                    draws.write(state.update, micro, batch["key"], images, targets, drawn)
                 with accelerator.accumulate(model):
                     loss, lr_set = micro_batch(accelerator, model, optimizer, loss_fn, images, targets,
                                                lambda: lr_at(state.update, plan, cfg.schedule),
@@ -329,23 +376,28 @@ def _train(
             logger.log(state.update, state.epoch, eval_metrics)
         if saved_at != state.update:
             save()
-        sync_buffers(model, accelerator)
+        sync_state()
         # Whole weights on every rank's call (a gather under ZeRO-3); rank 0 writes them.
         with ema.swapped(unwrapped) if ema is not None and cfg.ema.export else contextlib.nullcontext():
             # Copies, taken inside the block: DDP's state dict holds the live tensors that the swap
             # restores. Under ZeRO-3 only rank 0 receives the gathered weights (others get None).
             export = {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.cpu().clone()
                       for k, v in (accelerator.get_state_dict(model) or {}).items()}
+        if ema is None or not cfg.ema.export:
+            export.update(master_weights(accelerator, unwrapped))  # DeepSpeed 16-bit: the fp32 masters
         if accelerator.is_main_process:
-            save_file(export, run_dir / "model.safetensors")
+            # channels_last weights keep their strides through clone(); safetensors takes dense ones only.
+            save_file({k: v.contiguous() for k, v in export.items()}, run_dir / "model.safetensors")
         del export
-        # Buffers (BN running stats) are per rank between DDP's broadcasts, so only weights are compared.
+        # Weights and (synchronised) buffers, raw and EMA: every rank must hold the same run state.
         fingerprints = replica_fingerprints(model, accelerator)
         if ema is not None:
             with ema.swapped(unwrapped):
                 fingerprints = [a + b for a, b in zip(fingerprints, replica_fingerprints(model, accelerator))]
     finally:
         progress.close()
+        if draws is not None:
+            draws.close()
 
     summary = {
         "phase": phase.name or "main",
@@ -354,6 +406,8 @@ def _train(
         "epoch": state.epoch,
         "seconds": time.perf_counter() - started,
         "world_size": accelerator.num_processes,
+        # What `deterministic` switched on (cuDNN/cuBLAS flags follow it in build_accelerator).
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
         "data/skipped": state.bad_samples,
         "train/skipped_updates": state.skipped_updates,
         "best_checkpoint": str(best_checkpoint(run_dir) or ""),
@@ -373,29 +427,104 @@ def _resume(
     """Load a checkpoint into the prepared model/optimizer and return the position to continue from.
 
     Raises:
-        DistrainError: the model or batch maths differ from the checkpoint's and ``allow`` is off.
+        DistrainError: settings differ from the checkpoint's (see ``resume_differences``) and ``allow`` is off.
     """
     saved = load_trainer_state(checkpoint)
     diffs = resume_differences(saved, fresh.config, fresh.plan)
     if diffs and not allow:
         raise DistrainError(
-            f"--resume {checkpoint}: the model or batch maths differ from the checkpoint's ({'; '.join(diffs)}); "
+            f"--resume {checkpoint}: settings differ from the checkpoint's ({'; '.join(diffs)}); "
             "pass --allow-config-change to resume anyway (not an exact continuation)"
         )
+    from distrain.track.safeload import check_checkpoint, refusing_pickled_code
+
+    # Every rank learns of a file with pickled code before any rank waits in the load's collectives.
+    check_checkpoint(checkpoint, "--resume", accelerator.process_index, accelerator.num_processes)
     try:
-        accelerator.load_state(str(checkpoint))
-    except (pickle.UnpicklingError, RuntimeError, OSError, KeyError) as error:
-        # torch.load(weights_only=True) refuses pickled code; so do truncated or foreign files.
+        with refusing_pickled_code("--resume"):
+            accelerator.load_state(str(checkpoint))
+    except (RuntimeError, OSError, KeyError) as error:
+        # A truncated or foreign file, or another model's state (pickled code is a DistrainError).
         why = str(error).splitlines()[0][:200]
         raise DistrainError(f"--resume {checkpoint}: cannot load checkpoint ({why})") from None
     if ema is not None:
         rank = accelerator.process_index if partitioned else None  # ZeRO-3: each rank's own slice
         shadow = load_extra(checkpoint, "ema", accelerator.device, rank)
         ema.load_state_dict({"shadow": shadow, "n_updates": saved.ema_updates})
-    if diffs:
+    if any(d.startswith("plan ") for d in diffs):  # another batch plan: the position counts other batches
         saved.batch_in_epoch = rescale_position(saved, fresh.plan)
     saved.config, saved.plan = fresh.config, fresh.plan
     return saved
+
+
+def _mixcut(cfg: Config, num_classes: int, plan: BatchPlan, copies: int) -> MixCut:
+    """The run's MixUp/CutMix, pairing each image with a partner that is not one of its own copies.
+
+    Raises:
+        DistrainError: mixing is on but every micro-batch holds copies of a single sample.
+    """
+    m = cfg.mix
+    mixcut = MixCut(num_classes, m.mixup_alpha, m.cutmix_alpha, m.prob, m.switch_prob, cfg.train.label_smoothing,
+                    partner_shift=copies)
+    if mixcut.enabled and plan.per_device <= copies:
+        raise DistrainError(
+            f"mix: each micro-batch of {plan.per_device} holds {copies} copies of one sample (data.repeats on "
+            f"{plan.world_size} rank(s)), so every image would be mixed with its own copy; raise batch.per_device"
+        )
+    return mixcut
+
+
+def _augment_on_device(
+    images: torch.Tensor, labels: torch.Tensor, erasing: float, mixcut: MixCut, seed
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Random erasing, then MixUp/CutMix, with this rank's draws for this micro-batch.
+
+    Args:
+        seed: ``seed(owner)`` gives the micro-batch seed of each owner (see :mod:`distrain.dist.rng`).
+
+    Returns:
+        (images, targets: int labels or soft targets when mixing is on, what was drawn).
+    """
+    drawn: dict = {}
+    if erasing:
+        boxes = erasing_boxes(images.shape[0], *images.shape[-2:], erasing, host_generator(seed(Owner.ERASE)))
+        images = apply_erasing(images, boxes)
+        drawn["erased"] = [k for k, box in enumerate(boxes) if box is not None]
+    if mixcut.enabled:
+        images, labels, mix = mixcut(images, labels, numpy_generator(seed(Owner.MIX)))
+        drawn["mix"] = mix
+    return images, labels, drawn
+
+
+class _DrawLog:
+    """``logging.draws``: each micro-batch's device-side draws, per rank, in ``RUN_DIR/draws/rank<R>.jsonl``.
+
+    An audit trail for what the README promises: ranks draw differently, and a resumed run draws
+    what the uninterrupted one would (the sums identify the exact augmented tensors).
+    """
+
+    def __init__(self, run_dir: Path, rank: int):
+        (run_dir / "draws").mkdir(parents=True, exist_ok=True)
+        self._file = open(run_dir / "draws" / f"rank{rank}.jsonl", "a")  # noqa: SIM115 (open for the run)
+
+    def write(self, update: int, micro: int, keys: list[str], images: torch.Tensor, targets: torch.Tensor,
+              drawn: dict) -> None:
+        mix: MixDraw | None = drawn.get("mix")
+        record = {
+            "update": update, "micro": micro, "keys": keys, "erased": drawn.get("erased"),
+            "mix": None if mix is None else {"kind": mix.kind, "lam": mix.lam, "box": mix.box},
+            "images_sum": _checksum(images), "targets_sum": _checksum(targets),
+        }
+        self._file.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _checksum(t: torch.Tensor) -> float:
+    """A position-weighted float64 sum: equal for equal tensors, different for permuted ones."""
+    flat = t.detach().double().flatten()
+    return (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)).sum().item()
 
 
 def _check_bad_data(

@@ -38,12 +38,20 @@ def _checkpoint_config(target: str, overrides: list[str]) -> tuple[Path, Config]
     return checkpoint, cfg
 
 
-def model_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The fp32 model weights of a checkpoint: saved whole (DDP), or merged from the ranks' ZeRO
-    partitions (DeepSpeed)."""
+def model_weights(checkpoint: Path, what: str = "load") -> dict[str, torch.Tensor]:
+    """The fp32 model weights of a checkpoint: saved whole (DDP, safetensors), or merged from the
+    ranks' ZeRO partitions (DeepSpeed).
+
+    Args:
+        checkpoint: The checkpoint directory.
+        what: The command reading it, the start of an error message.
+
+    Raises:
+        DistrainError: a DeepSpeed file in it holds pickled code (refused, never run).
+    """
     if (checkpoint / MODEL_FILE).is_file():
         return load_file(checkpoint / MODEL_FILE)
-    return consolidated_state_dict(checkpoint)
+    return consolidated_state_dict(checkpoint, what)
 
 
 def export_checkpoint(target: str, out: str) -> Path:
@@ -53,12 +61,12 @@ def export_checkpoint(target: str, out: str) -> Path:
     the model with ``load_state_dict`` in plain PyTorch on one process.
 
     Raises:
-        DistrainError: no such run dir or checkpoint.
+        DistrainError: no such run dir or checkpoint, or a file in it holds pickled code.
     """
     if not Path(target).exists():
         raise DistrainError(f"{target}: no such run dir or checkpoint")
     checkpoint = resolve_resume(target, Path(target))
-    weights = {k: v.contiguous() for k, v in model_weights(checkpoint).items()}
+    weights = {k: v.contiguous() for k, v in model_weights(checkpoint, "export").items()}
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".safetensors":
@@ -84,7 +92,8 @@ def evaluate_checkpoint(target: str, overrides: list[str], resizes: list[int] | 
         ``configured`` (the config's resize) and ``checkpoint``; None on other ranks.
 
     Raises:
-        DistrainError: no checkpoint, the config has no eval shards, or a resize below the crop.
+        DistrainError: no checkpoint, the config has no eval shards, a resize below the crop, or a
+            checkpoint file that holds pickled code.
     """
     checkpoint, cfg = _checkpoint_config(target, overrides)
     if resizes is not None:
@@ -95,7 +104,7 @@ def evaluate_checkpoint(target: str, overrides: list[str], resizes: list[int] | 
     accelerator = build_accelerator(cfg)
     data = resolve_data(cfg)
     model = build_model(cfg, data.num_classes)
-    model.load_state_dict(model_weights(checkpoint))
+    model.load_state_dict(model_weights(checkpoint, "eval"))
     model = accelerator.prepare(model)
     to_device = ToDevice(cfg.data.mean, cfg.data.std, accelerator.device, cfg.model.channels_last)
     rank, world = accelerator.process_index, accelerator.num_processes

@@ -53,6 +53,11 @@ def finish_update(
     non-finite update alike. DeepSpeed clips and steps inside ``accelerator.backward`` (its
     ``engine.step``), so the norm comes from the engine afterwards.
 
+    On CUDA, reading whether the norm is finite is the one host synchronisation of the update: the
+    host waits here for the backward pass, so it never gets more than one update ahead of the GPU.
+    (Under fp16, where the check is off, the GradScaler's step waits alike; DeepSpeed reads its
+    norm.)
+
     Raises:
         NonFiniteStop: under DeepSpeed, a non-finite norm (the update is already applied, so it
             cannot be skipped: the newest checkpoint holds the last good state).

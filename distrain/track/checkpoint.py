@@ -3,15 +3,19 @@
 Layout under the run dir::
 
     checkpoints/update-00001234/      model.safetensors, optimizer.bin, random_states_<rank>.pkl
-                                      (Accelerate), trainer_state.json (distrain)
+                                      (Accelerate), trainer_state.json (distrain); under DeepSpeed
+                                      pytorch_model/ (each rank's ZeRO partitions) instead of the
+                                      model and optimizer files
     checkpoints/update-00001234.tmp/  a save in progress; never read
 
 A checkpoint directory only gets its final name once every rank has written its part, so a crash
 during a save (even kill -9) leaves the previous checkpoint as the newest complete one; the next
 save removes the leftover ``.tmp``. Checkpoints are always taken between optimizer updates, so
-the gradient-accumulation phase of a checkpoint is always 0. Loading goes through Accelerate,
-which reads tensors with safetensors and everything else with ``torch.load(weights_only=True)``:
-a checkpoint file cannot run code.
+the gradient-accumulation phase of a checkpoint is always 0. Loading goes through Accelerate
+(and, under ZeRO, DeepSpeed's loader, which calls ``torch.load(weights_only=False)``), always inside
+:func:`distrain.track.safeload.refusing_pickled_code`: every ``torch.load`` then reads tensors and
+the few allowlisted types only, so a checkpoint file cannot run code; one that tries is refused with
+a one-line error naming it. Model and EMA weights are safetensors.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
+from distrain.config import Config, to_dict
 from distrain.errors import DistrainError
 
 STATE_NAME = "trainer_state.json"
@@ -173,22 +178,85 @@ def load_trainer_state(checkpoint: Path) -> TrainerState:
     return TrainerState(**json.loads((checkpoint / STATE_NAME).read_text()))
 
 
-# What a resumed run must share with its checkpoint to continue exactly: the model and the whole
-# batch maths (plan fields), which fix the data each rank reads and the LR of every update.
-_MODEL_KEYS = (("model", "name"), ("model", "norm"), ("seed",))
+# What a resumed run must share with its checkpoint to continue exactly: every config key, unless
+# listed below, and the whole batch maths (plan fields), which fix the data each rank reads and the
+# LR of every update. Deny by default: a key added to the config later is compared until someone
+# decides it may change freely and adds it here with the reason. "section.*" frees a whole section.
+RESUME_FREE = (
+    "name",  # a label (W&B run name); the checkpoint is found through run_dir or --resume
+    "run_dir",  # where the outputs go: a run may be moved and resumed from its new place
+    "deterministic",  # which kernels run (cuDNN autotuning, deterministic algorithms), not what they compute
+    "data.prepare",  # writes built-in shards only when data.train is missing; the shards are compared as data.train
+    "data.train_samples",  # only `distrain plan` without data reads it; training counts the shard index (plan)
+    # Evaluation only. The FixRes phase trains at eval_resize/eval_crop, but its checkpoints hold
+    # them as its own data.train_resize/data.train_crop, which are compared.
+    "data.eval",
+    "data.eval_resize",
+    "data.eval_crop",
+    "data.prefetch",  # how far ahead the workers decode, not what
+    "data.bad_samples",  # what happens at a bad sample (skip or stop), not what a good one holds
+    "data.max_bad_fraction",  # likewise
+    "model.zero_init_residual",  # the initial weights only, which the checkpoint's replace
+    "model.channels_last",  # memory layout: the same maths up to kernel rounding
+    "model.compile",  # likewise
+    "batch.per_device",  # batch.*: the plan's per-device batch, accumulation and world size are
+    "batch.accumulation",  # compared instead: with batch.global_batch set, a different cap that
+    "batch.global_batch",  # resolves to the same plan is an exact resume
+    "train.log_every",  # logging cadence
+    "train.max_updates",  # where this invocation stops; the schedule (LR) is unchanged
+    "train.nonfinite",  # what happens at a non-finite update, not the finite ones
+    "train.max_consecutive_skips",  # likewise
+    "ema.export",  # which weights are written at the end, not how they are averaged
+    "fixres.epochs",  # the phase after the main schedule: its checkpoints hold these as
+    "fixres.lr",  # schedule.epochs and optim.lr, which are compared there
+    "distributed.timeout_s",  # how long to wait for a lost peer
+    "eval.*",  # evaluation cadence and batch: evaluation reads no training sample, changes no training state
+    "checkpoint.*",  # checkpoint cadence and retention
+    "logging.*",  # outputs only (W&B, progress bar, audit logs)
+    "preemption.*",  # how often ranks agree to stop, and requeueing
+)
 _PLAN_KEYS = ("world_size", "per_device", "accumulation", "global_batch", "train_samples", "updates_per_epoch",
               "total_updates", "warmup_updates", "peak_lr", "warmup_start_lr", "milestone_updates")
 
 
+def _is_free(key: str) -> bool:
+    return any(key == p or (p.endswith(".*") and key.startswith(p[:-1])) for p in RESUME_FREE)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` as ``{"a.b": 1}``; lists are values (compared whole), tuples become lists."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
 def resume_differences(saved: TrainerState, config: dict, plan: dict) -> list[str]:
-    """``key: saved -> now`` for each model or batch-maths setting that differs from the checkpoint's."""
+    """``key: saved -> now`` for each setting that would make the resumed run differ from an uninterrupted one.
+
+    Every config key is compared except those in :data:`RESUME_FREE`; a key that the checkpoint's
+    config lacks (written before the key existed) counts as its default. ``data.workers`` decides
+    which samples each DataLoader worker reads within an epoch, so it may change only at an epoch
+    boundary (0 and 1 read alike: both are one stream).
+    """
+    defaults = _flatten(to_dict(Config()))
+    old_flat, new_flat = _flatten(saved.config or {}), _flatten(config or {})
     diffs = []
-    for path in _MODEL_KEYS:
-        old, new = saved.config, config
-        for part in path:
-            old, new = (old or {}).get(part), (new or {}).get(part)
-        if old != new:
-            diffs.append(f"{'.'.join(path)}: {old!r} -> {new!r}")
+    for key in dict.fromkeys([*defaults, *old_flat, *new_flat]):
+        old, new = old_flat.get(key, defaults.get(key)), new_flat.get(key, defaults.get(key))
+        if old == new or _is_free(key):
+            continue
+        if key == "data.workers":
+            at_boundary = saved.batch_in_epoch in (0, saved.plan.get("micro_batches_per_epoch"))
+            if at_boundary or max(old, 1) == max(new, 1):
+                continue
+            diffs.append(f"{key}: {old!r} -> {new!r} (mid-epoch, at micro-batch {saved.batch_in_epoch} of epoch "
+                         f"{saved.epoch}: workers read other samples; it may change at an epoch boundary)")
+            continue
+        diffs.append(f"{key}: {old!r} -> {new!r}")
     for key in _PLAN_KEYS:
         old, new = saved.plan.get(key), plan.get(key)
         if isinstance(new, tuple):

@@ -88,6 +88,7 @@ class EMA:
                 else t.detach().clone()
                 for name, t in _named_tensors(model).items()
             }
+        self._buffer_names = [name for name, _ in model.named_buffers()]
         self._bound: weakref.ref[nn.Module] | None = None
         self._bind(model)
 
@@ -131,6 +132,11 @@ class EMA:
         if self._ints[0]:
             torch._foreach_copy_(self._ints[0], self._ints[1])
         self.n_updates += 1
+
+    def buffers(self) -> list[torch.Tensor]:
+        """The shadow's buffers (averaged BN statistics, counters): the part that is not replicated by
+        construction, since each rank averages the buffers its own batches produced."""
+        return [self.shadow[name] for name in self._buffer_names]
 
     def state_dict(self) -> dict:
         """The shadow tensors (live, not copies, like :meth:`nn.Module.state_dict`) and the counter."""

@@ -46,29 +46,55 @@ def erase_box(height: int, width: int, generator: torch.Generator | None = None)
     return None
 
 
-def random_erasing(images: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Erase a random box to 0 in each image of a normalised batch with probability ``p``.
+def erasing_boxes(
+    batch: int, height: int, width: int, p: float, generator: torch.Generator | None = None
+) -> list[tuple[int, int, int, int] | None]:
+    """Each image's erased box (top, left, h, w), or None, drawn in batch order.
 
-    0 is the dataset mean after normalisation (torchvision's default ``value=0`` applied after
-    ``Normalize``). Each image draws its own decision and box, in batch order.
+    Drawn as torchvision's ``_RandomApplyTransform`` draws it: erase when ``rand < p``, then a box
+    by :func:`erase_box`.
 
     Args:
-        images: Normalised float batch (B, C, H, W), on any device.
+        batch: Number of images.
+        height: Image height.
+        width: Image width.
         p: Probability that an image is erased.
-        generator: A CPU generator for the decisions and boxes; None draws from torch's global
-            one, which Accelerate saves in checkpoints per rank, so a resumed run erases alike.
+        generator: A CPU generator; None draws from torch's global one.
+    """
+    boxes = []
+    for _ in range(batch):
+        erased = torch.rand(1, generator=generator).item() < p
+        boxes.append(erase_box(height, width, generator) if erased else None)
+    return boxes
+
+
+def apply_erasing(images: torch.Tensor, boxes: list[tuple[int, int, int, int] | None]) -> torch.Tensor:
+    """Erase ``boxes[k]`` of image ``k`` to 0 (the dataset mean after normalisation).
+
+    0 is torchvision's default ``value=0`` applied after ``Normalize``.
 
     Returns:
         A new batch (same memory format); ``images`` is left unchanged.
     """
     out = images.clone()
-    height, width = images.shape[-2:]
     zero = torch.zeros((), dtype=images.dtype, device=images.device)
-    for k in range(images.shape[0]):
-        # Drawn as torchvision's _RandomApplyTransform draws it: erase when rand < p.
-        if torch.rand(1, generator=generator).item() >= p:
-            continue
-        box = erase_box(height, width, generator)
+    for k, box in enumerate(boxes):
         if box is not None:
             erase(out[k], *box, v=zero, inplace=True)
     return out
+
+
+def random_erasing(images: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Erase a random box to 0 in each image of a normalised batch with probability ``p``.
+
+    Args:
+        images: Normalised float batch (B, C, H, W), on any device.
+        p: Probability that an image is erased.
+        generator: A CPU generator for the decisions and boxes (the loop derives one per rank and
+            micro-batch, see :mod:`distrain.dist.rng`); None draws from torch's global one.
+
+    Returns:
+        A new batch (same memory format); ``images`` is left unchanged.
+    """
+    height, width = images.shape[-2:]
+    return apply_erasing(images, erasing_boxes(images.shape[0], height, width, p, generator))
