@@ -17,13 +17,7 @@ from conftest import image_bytes, write_layout
 
 from distrain.data.index import write_index
 from distrain.data.shards import resolve_shards
-from distrain.data.stream import (
-    PAD_LABEL,
-    Augment,
-    EvalResize,
-    ShardStream,
-    make_loader,
-)
+from distrain.data.stream import PAD_LABEL, Augment, EvalResize, ShardStream, make_loader
 
 CLASSES = 4
 AUG = Augment(size=8, scale=(0.5, 1.0), ratio=(0.75, 1.33), hflip=True)

@@ -10,25 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import (
-    checked,
-    distrain,
-    logged_steps,
-    read_jsonl,
-    spawn_ranks,
-    wait_for,
-    write_layout,
-)
+from conftest import checked, distrain, logged_steps, read_jsonl, spawn_ranks, wait_for, write_layout
 from safetensors.torch import load_file
 from test_train import recipe
 from wandb_offline import read_offline_runs
 
-from distrain.errors import (
-    EXIT_BAD_DATA,
-    EXIT_NONFINITE,
-    EXIT_PEER_LOST,
-    EXIT_PREEMPTED,
-)
+from distrain.errors import EXIT_BAD_DATA, EXIT_NONFINITE, EXIT_PEER_LOST, EXIT_PREEMPTED
 from distrain.track.checkpoint import checkpoint_dirs
 
 pytestmark = pytest.mark.slow

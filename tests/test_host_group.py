@@ -36,8 +36,10 @@ accelerator = SimpleNamespace(num_processes=world,
 first = agree(accelerator, stop=rank == 0, bad_samples=rank + 1)
 second = agree(accelerator, stop=False, bad_samples=5)
 group = host_group(accelerator)
-print("AGREED", rank, first.stop_ranks, first.bad_samples, second.stop_ranks, second.bad_samples,
-      group is host_group(accelerator), dist.get_backend(group), flush=True)
+# A file per rank: two ranks printing to one pipe may interleave their lines.
+with open(f"agreed-{rank}.txt", "w") as out:
+    print(rank, first.stop_ranks, first.bad_samples, second.stop_ranks, second.bad_samples,
+          group is host_group(accelerator), dist.get_backend(group), file=out)
 dist.destroy_process_group()
 """
 
@@ -52,7 +54,7 @@ def test_agreement_sums_over_a_gloo_group_of_its_own(tmp_path: Path):
         cwd=tmp_path, env=run_env(tmp_path), capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    lines = sorted(line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("AGREED"))
+    lines = [(tmp_path / f"agreed-{rank}.txt").read_text().split() for rank in (0, 1)]
     # Both ranks see rank 0's stop and 1 + 2 bad samples, then 5 + 5: sums, not the fake group's
     # no-op; one group made once, a gloo one.
     assert lines == [["0", "1", "3", "0", "10", "True", "gloo"], ["1", "1", "3", "0", "10", "True", "gloo"]]

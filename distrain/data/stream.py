@@ -59,25 +59,13 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import (
-    DataLoader,
-    IterableDataset,
-    default_collate,
-    get_worker_info,
-)
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from distrain.data.decode import DecodeError, eval_sample, make_policy, train_sample
 from distrain.data.index import ShardSet
-from distrain.data.shards import (
-    Read,
-    epoch_offset,
-    reads_for_range,
-    repeat_layout,
-    shard_order,
-    split_evenly,
-)
+from distrain.data.shards import Read, epoch_offset, reads_for_range, repeat_layout, shard_order, split_evenly
 from distrain.errors import DistrainError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")

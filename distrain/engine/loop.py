@@ -32,44 +32,14 @@ from distrain.config import Config, dump, to_dict
 from distrain.data.device import ToDevice, prefetch_to_device
 from distrain.data.stream import PAD_LABEL
 from distrain.dist import build_accelerator
-from distrain.dist.deepspeed import (
-    fill_deepspeed_batch,
-    input_dtype,
-    is_partitioned,
-    master_weights,
-)
-from distrain.dist.rng import (
-    Owner,
-    host_generator,
-    micro_batch_seed,
-    numpy_generator,
-    seed_layers,
-)
-from distrain.dist.setup import (
-    broadcast_from_main,
-    replica_fingerprints,
-    shutdown,
-    sync_buffers,
-)
+from distrain.dist.deepspeed import fill_deepspeed_batch, input_dtype, is_partitioned, master_weights
+from distrain.dist.rng import Owner, host_generator, micro_batch_seed, numpy_generator, seed_layers
+from distrain.dist.setup import broadcast_from_main, replica_fingerprints, shutdown, sync_buffers
 from distrain.dist.signals import StopSignals, agree, is_peer_failure, requeue_slurm_job
-from distrain.engine.build import (
-    build_model,
-    eval_stream,
-    loader,
-    prepare_builtin,
-    resolve_data,
-    train_stream,
-)
+from distrain.engine.build import build_model, eval_stream, loader, prepare_builtin, resolve_data, train_stream
 from distrain.engine.evaluate import evaluate
 from distrain.engine.step import finish_update, micro_batch
-from distrain.errors import (
-    BadDataError,
-    DistrainError,
-    NonFiniteStop,
-    PeerLost,
-    Preempted,
-    RunStopped,
-)
+from distrain.errors import BadDataError, DistrainError, NonFiniteStop, PeerLost, Preempted, RunStopped
 from distrain.optim import create_optimizer, lr_at
 from distrain.plan import BatchPlan, make_plan
 from distrain.track.checkpoint import (
@@ -86,6 +56,7 @@ from distrain.track.checkpoint import (
 from distrain.track.lock import RunLock
 from distrain.track.metrics import MetricsLogger
 from distrain.track.progress import Progress
+from distrain.track.safeload import check_checkpoint, refusing_pickled_code
 from distrain.tricks.ema import EMA
 from distrain.tricks.erasing import apply_erasing, erasing_boxes
 from distrain.tricks.fixres import fixres_config, fixres_train_mode, freeze_for_fixres
@@ -436,8 +407,6 @@ def _resume(
             f"--resume {checkpoint}: settings differ from the checkpoint's ({'; '.join(diffs)}); "
             "pass --allow-config-change to resume anyway (not an exact continuation)"
         )
-    from distrain.track.safeload import check_checkpoint, refusing_pickled_code
-
     # Every rank learns of a file with pickled code before any rank waits in the load's collectives.
     check_checkpoint(checkpoint, "--resume", accelerator.process_index, accelerator.num_processes)
     try:
