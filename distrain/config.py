@@ -244,7 +244,7 @@ class LoggingConfig:
     draws: bool = False
     """Write every rank's device-side random draws (erased images, MixUp/CutMix lambda and box, and
     checksums of the augmented batch) to ``RUN_DIR/draws/rank<R>.jsonl``: an audit of per-rank
-    randomness and exact resume."""
+    randomness and exact resume (two host synchronisations per micro-batch on a GPU)."""
 
 
 @dataclass

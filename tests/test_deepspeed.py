@@ -295,3 +295,9 @@ def test_bf16_export_is_the_fp32_master_weights(tmp_path, digits, stage):
     assert all(torch.equal(exported[k], masters[k].float()) for k in weights)
     # Not bf16 values in fp32 clothing: the masters carry bits that bf16 rounds away.
     assert any(not torch.equal(exported[k], exported[k].bfloat16().float()) for k in weights)
+    if stage == 2:
+        # A bf16 checkpoint resumes under the safe loader's allowlist (its optimizer files carry
+        # DeepSpeed's loss-scaler and partition types).
+        proc = checked(distrain(["train", cfg, "--resume", "auto", "train.max_updates=4"], cwd=tmp_path, nproc=2))
+        assert "resuming from" in proc.stderr
+        assert json.loads((run_dir / "summary.json").read_text())["updates"] == 4

@@ -225,10 +225,11 @@ def test_buffers_are_the_shadow_of_the_model_buffers():
 
 @pytest.mark.dist
 @pytest.mark.slow
-def test_every_rank_holds_rank0s_buffers_raw_and_ema_after_eval_and_resume(tmp_path, digits):
+def test_every_rank_ends_with_rank0s_buffers_raw_and_ema_and_a_resume_ends_alike(tmp_path, digits):
     """BN statistics (and so the EMA's averages of them) differ per rank between DDP's broadcasts;
-    after an eval, a save and a resume every rank must hold the same raw and EMA buffers, and the
-    resumed run must end where the uninterrupted one does, buffers included."""
+    at the end of a run (its evals, saves and export all apply the rule) every rank must hold rank
+    0's raw and EMA buffers, for a run stopped early and for one resumed from it, and the resumed
+    run must end where the uninterrupted one does, buffers included."""
     import json
 
     from conftest import checked, distrain

@@ -119,7 +119,15 @@ def test_in_batch_copies_are_never_mixed_with_themselves(tmp_path, repeats):
     stream = ShardStream(shards, rank=0, world_size=1, batch_size=8, seed=0, num_classes=4,
                          augment=Augment(8, (0.5, 1.0), (0.75, 1.33), True), batches_per_epoch=4, repeats=repeats)
     assert stream.batch_copies == repeats
-    mc = MixCut(4, 1.0, 1.0, partner_shift=stream.batch_copies)
+    # The loop's own construction (engine/loop.py) gives the stream's copies as the partner shift.
+    from distrain.config import from_dict
+    from distrain.engine.loop import _mixcut
+    from distrain.plan import make_plan
+
+    cfg = from_dict({"batch": {"per_device": 8}, "data": {"repeats": repeats, "train_samples": 64},
+                     "mix": {"mixup_alpha": 1.0, "cutmix_alpha": 1.0}, "schedule": {"epochs": 1}})
+    mc = _mixcut(cfg, 4, make_plan(cfg, 1, 64), stream.batch_copies)
+    assert mc.partner_shift == repeats
     pairs = 0
     for b in stream:
         keys = b["key"]
@@ -177,3 +185,16 @@ def test_soft_cross_entropy_ignores_pad_rows(eps):
     assert (logits.grad[labels < 0] == 0).all()
     pad_only = soft_cross_entropy(logits, torch.zeros(6, C), eps)
     assert pad_only.item() == 0.0  # not NaN, as a mean over no rows would be
+
+
+def test_a_batch_of_copies_of_one_sample_is_refused_when_mixing():
+    from distrain.config import from_dict
+    from distrain.engine.loop import _mixcut
+    from distrain.errors import DistrainError
+    from distrain.plan import make_plan
+
+    cfg = from_dict({"batch": {"per_device": 4}, "data": {"repeats": 4, "train_samples": 64},
+                     "mix": {"mixup_alpha": 0.2}, "schedule": {"epochs": 1}})
+    with pytest.raises(DistrainError, match="mixed with its own copy"):
+        _mixcut(cfg, 4, make_plan(cfg, 1, 64), 4)
+    assert not _mixcut(from_dict({"batch": {"per_device": 4}}), 4, make_plan(cfg, 1, 64), 4).enabled

@@ -50,7 +50,6 @@ def test_the_same_settings_resume():
     # The loss.
     ("train.label_smoothing=0.1", "train.label_smoothing: 0.0 -> 0.1"),
     ("model.ghost_batch_size=8", "model.ghost_batch_size: 0 -> 8"),
-    ("train.precision=bf16", "train.precision: 'auto' -> 'bf16'"),
     # The LR and the updates.
     ("schedule.decay=multistep", "schedule.decay: 'cosine' -> 'multistep'"),
     ("schedule.milestones=[1,2,3]", "schedule.milestones: [30, 60, 80] -> [1.0, 2.0, 3.0]"),
@@ -139,3 +138,16 @@ def test_resuming_mid_epoch_with_more_workers_is_refused_in_one_line(tmp_path, d
     assert "data.workers: 1 -> 2 (mid-epoch, at micro-batch 8 of epoch 0" in lines[-1]
     assert "--allow-config-change" in lines[-1]
     assert checkpoint_dirs(tmp_path / "run") == [checkpoint]  # nothing written
+
+
+def test_precision_is_compared_as_resolved_not_as_auto():
+    """`auto` is bf16 on an A100 and fp16 on a V100: the run stores what it resolved to, and a
+    resume on another GPU generation is refused rather than silently switching precision."""
+    from distrain.track.checkpoint import TrainerState, resume_differences
+
+    config = to_dict(Config())
+    saved = TrainerState(config={**config, "train": {**config["train"], "precision": "bf16"}})
+    now = {**config, "train": {**config["train"], "precision": "fp16"}}
+    assert resume_differences(saved, now, {}) == ["train.precision: 'bf16' -> 'fp16'"]
+    old_style = TrainerState(config={**config, "train": {**config["train"], "precision": "auto"}})
+    assert resume_differences(old_style, now, {}) == []  # written before precision was stored resolved

@@ -127,6 +127,15 @@ def test_the_same_slurm_job_on_another_host_is_its_previous_incarnation(tmp_path
     assert taken(tmp_path)["slurm_restart_count"] == "1"
 
 
+def test_a_live_step_of_the_same_slurm_job_on_another_host_is_not_taken_over(tmp_path, monkeypatch):
+    # Same job id and restart count: another live step of this allocation, not an earlier incarnation.
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    write_holder(tmp_path, host="node-b", pid=1234, slurm_job_id="4242", slurm_restart_count="1")
+    with pytest.raises(DistrainError, match="in use by a live run"):
+        RunLock(tmp_path).acquire()
+
+
 def test_the_heartbeat_keeps_the_lock_fresh_and_release_leaves_a_lock_that_is_not_ours(tmp_path, capfd):
     lock = RunLock(tmp_path, heartbeat_s=0.05)
     lock.acquire()

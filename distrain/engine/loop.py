@@ -212,7 +212,8 @@ def _train(
     to_device = ToDevice(cfg.data.mean, cfg.data.std, accelerator.device, cfg.model.channels_last,
                          input_dtype(accelerator))
 
-    state = TrainerState(config=to_dict(cfg), plan=plan.as_dict())
+    # The precision that "auto" resolved to on this machine is what a resume must match.
+    state = TrainerState(config=_with_resolved_precision(to_dict(cfg), accelerator), plan=plan.as_dict())
     checkpoint = resolve_resume(resume, run_dir) if resume else None
     if checkpoint is not None:
         state = _resume(accelerator, checkpoint, state, allow, ema, is_partitioned(unwrapped))
@@ -355,7 +356,13 @@ def _train(
             export = {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.cpu().clone()
                       for k, v in (accelerator.get_state_dict(model) or {}).items()}
         if ema is None or not cfg.ema.export:
-            export.update(master_weights(accelerator, unwrapped))  # DeepSpeed 16-bit: the fp32 masters
+            # DeepSpeed 16-bit: the fp32 masters. Frozen parameters (FixRes) have none; they are still
+            # the fp32 values the phase started from.
+            masters = master_weights(accelerator, unwrapped)
+            if masters and phase.init_from is not None:
+                start = load_file(phase.init_from)
+                masters.update({n: start[n] for n, p in unwrapped.named_parameters() if n not in masters})
+            export.update(masters)
         if accelerator.is_main_process:
             # channels_last weights keep their strides through clone(); safetensors takes dense ones only.
             save_file({k: v.contiguous() for k, v in export.items()}, run_dir / "model.safetensors")
@@ -426,6 +433,12 @@ def _resume(
     return saved
 
 
+def _with_resolved_precision(config: dict, accelerator: Accelerator) -> dict:
+    """``config`` with ``train.precision`` as this run resolved it (bf16/fp16/fp32, never "auto")."""
+    resolved = {"no": "fp32"}.get(accelerator.mixed_precision, accelerator.mixed_precision)
+    return {**config, "train": {**config["train"], "precision": resolved}}
+
+
 def _mixcut(cfg: Config, num_classes: int, plan: BatchPlan, copies: int) -> MixCut:
     """The run's MixUp/CutMix, pairing each image with a partner that is not one of its own copies.
 
@@ -469,7 +482,8 @@ class _DrawLog:
     """``logging.draws``: each micro-batch's device-side draws, per rank, in ``RUN_DIR/draws/rank<R>.jsonl``.
 
     An audit trail for what the README promises: ranks draw differently, and a resumed run draws
-    what the uninterrupted one would (the sums identify the exact augmented tensors).
+    what the uninterrupted one would (the sums identify the exact augmented tensors). The sums
+    cost two host synchronisations per micro-batch on a GPU: an audit switch, not for long runs.
     """
 
     def __init__(self, run_dir: Path, rank: int):

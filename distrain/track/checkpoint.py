@@ -249,6 +249,8 @@ def resume_differences(saved: TrainerState, config: dict, plan: dict) -> list[st
         old, new = old_flat.get(key, defaults.get(key)), new_flat.get(key, defaults.get(key))
         if old == new or _is_free(key):
             continue
+        if key == "train.precision" and old == "auto":
+            continue  # a checkpoint from before runs stored the precision "auto" resolved to
         if key == "data.workers":
             at_boundary = saved.batch_in_epoch in (0, saved.plan.get("micro_batches_per_epoch"))
             if at_boundary or max(old, 1) == max(new, 1):

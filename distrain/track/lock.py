@@ -150,6 +150,8 @@ class RunLock:
                 refusal = str(error)
             except OSError as error:
                 refusal = f"run dir {self.path.parent}: cannot write its lock {self.path}: {error.strerror}"
+            except Exception as error:  # noqa: BLE001 (the other ranks wait in the broadcast below: tell them)
+                refusal = f"run dir {self.path.parent}: cannot take its lock {self.path}: {error!r}"
         if accelerator.num_processes > 1:
             refusal = broadcast_object_list([refusal])[0]
         if refusal:
@@ -196,7 +198,8 @@ class RunLock:
                 return ""  # this very process (an earlier run in it), or a dead or different process
             return _describe(holder)
         job = os.environ.get("SLURM_JOB_ID")
-        if job and holder.get("slurm_job_id") == job:
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+        if job and holder.get("slurm_job_id") == job and int(holder.get("slurm_restart_count") or 0) < restarts:
             return ""  # this job's previous incarnation (requeue), which SLURM ended before starting this one
         if age > self.stale_after_s:
             return ""
@@ -228,7 +231,7 @@ class RunLock:
                 if ours:
                     os.utime(self.path)
             except FileNotFoundError:
-                ours = False
+                continue  # a starter may hold it aside for a moment while it checks it (_remove_stale)
             except OSError:
                 continue  # a transient filesystem error: beat again later
             if not ours:
