@@ -3,6 +3,8 @@ rank's draws do not depend on how many other ranks there are (issue: one lambda 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import checked, distrain, read_jsonl
@@ -36,7 +38,9 @@ def _draws(run_dir, rank: int) -> dict[tuple[int, int], dict]:
     return {(r["update"], r["micro"]): r for r in read_jsonl(run_dir / "draws" / f"rank{rank}.jsonl")}
 
 
+# EMA on a BN model too: the same runs check that every rank ends with rank 0's buffers.
 AUGMENT = {"mix": {"mixup_alpha": 0.4, "cutmix_alpha": 1.0, "prob": 1.0, "switch_prob": 0.5},
+           "ema": {"decay": 0.9, "every": 1},
            "logging": {"draws": True, "wandb": False, "progress": False}}
 
 
@@ -53,6 +57,7 @@ def runs(tmp_path_factory, digits):
     checked(distrain(["train", full], cwd=tmp, nproc=2))
     stopped = _recipe(tmp, digits, "stopped", 3)
     checked(distrain(["train", stopped], cwd=tmp, nproc=2))
+    (tmp / "stopped-summary.json").write_text((tmp / "stopped" / "run" / "summary.json").read_text())
     checked(distrain(["train", stopped, "--resume", "auto", "train.max_updates=6"], cwd=tmp, nproc=2))
     single = _recipe(tmp, digits, "single", 6)
     checked(distrain(["train", single], cwd=tmp, nproc=1))
@@ -91,3 +96,19 @@ def test_a_ranks_draws_do_not_depend_on_the_world_size(runs):
     assert one.keys() == two.keys()
     for at in one:
         assert one[at]["mix"] == two[at]["mix"] and one[at]["erased"] == two[at]["erased"], at
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_every_rank_ends_with_rank0s_buffers_raw_and_ema_and_a_resume_ends_alike(runs):
+    """BN statistics (and so the EMA's averages of them) differ per rank between DDP's broadcasts;
+    at the end of a run (its evals, saves and export all apply the rule) every rank must hold rank
+    0's raw and EMA buffers, for a run stopped early and for one resumed from it, and the resumed
+    run must end where the uninterrupted one does, buffers included."""
+    stopped = json.loads((runs["full"].parent.parent / "stopped-summary.json").read_text())
+    full, resumed = (json.loads((runs[n] / "summary.json").read_text()) for n in ("full", "stopped"))
+    for summary in (stopped, full, resumed):
+        raw_and_ema = summary["replica_fingerprints"]  # parameters + buffers, then the EMA's
+        assert raw_and_ema[0] == raw_and_ema[1], summary["run_dir"]
+    assert full["replica_fingerprints"] == resumed["replica_fingerprints"]
+    assert full["eval/ema_top1"] == resumed["eval/ema_top1"]
