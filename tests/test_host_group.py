@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.testing._internal.distributed.fake_pg  # registers the "fake" backend
 
 from accelerate.utils import InitProcessGroupKwargs
-from distrain.dist.setup import host_group
+from distrain.dist.setup import drop_host_group, host_group
 from distrain.dist.signals import Agreement, agree
 
 store, rank, world = next(dist.rendezvous("env://"))
@@ -40,7 +40,9 @@ group = host_group(accelerator)
 with open(f"agreed-{rank}.txt", "w") as out:
     print(rank, first.stop_ranks, first.bad_samples, second.stop_ranks, second.bad_samples,
           group is host_group(accelerator), dist.get_backend(group), file=out)
+del group
 dist.destroy_process_group()
+drop_host_group()
 """
 
 

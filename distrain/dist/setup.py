@@ -196,6 +196,17 @@ def shutdown(accelerator: Accelerator) -> None:
     """
     accelerator.free_memory()
     accelerator.end_training()
+    drop_host_group()
+
+
+def drop_host_group() -> None:
+    """Forget the group :func:`host_group` made, once the process groups are destroyed.
+
+    A gloo group still referenced at interpreter shutdown aborts the process like a live DDP model
+    does (see :func:`shutdown`).
+    """
+    global _host_group
+    _host_group = None
 
 
 @torch.no_grad()
