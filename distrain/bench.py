@@ -276,8 +276,8 @@ def bench_step(model_name: str = "resnet18", res: int = 64, batch: int = 32, upd
     import torch.nn.functional as F
 
     from distrain.config import from_dict
-    from distrain.dist import build_accelerator
-    from distrain.dist.setup import shutdown
+    from distrain.parallel import build_accelerator
+    from distrain.parallel.setup import shutdown
     from distrain.engine.step import finish_update, micro_batch
     from distrain.models import create_model
     from distrain.optim import create_optimizer

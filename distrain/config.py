@@ -86,13 +86,37 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "resnet50"
-    """torchvision classification model name, or cifar_resnet20/32/44/56/110."""
-    norm: Literal["batch", "group"] = "batch"
-    """Normalisation layers (CIFAR ResNets and torchvision ResNet families); group is batch-independent."""
+    """A torchvision classification model (``resnet50``, ``vit_b_16``, ...), a CIFAR ResNet
+    (``cifar_resnet20/32/44/56/110``) or a timm model (``timm/vit_small_patch16_224``, ...)."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the model's builder (timm: ``img_size``, ``drop_rate``, ...; torchvision
+    alike); each must be an argument the model takes."""
+    norm: Literal["batch", "sync_batch", "group", "layer", "instance", "ghost"] = "batch"
+    """Normalisation layers: ``batch``; ``sync_batch`` (statistics over all ranks' micro-batches;
+    GPU runs); ``group`` (32 groups), ``layer`` (one group) and ``instance`` (one group per channel),
+    all batch-independent; ``ghost`` (BatchNorm over virtual batches of ``ghost_batch_size``)."""
     zero_init_residual: bool = False
     """Start the last BN gamma of each residual block at 0, so blocks start as identities (Goyal et al. 2017)."""
     ghost_batch_size: int = 0
-    """Normalise BatchNorm over virtual batches of this many samples per device (0 = the whole micro-batch)."""
+    """``norm: ghost``: samples per virtual batch on each device."""
+    drop_path_rate: float = 0.0
+    """Stochastic depth (Huang et al. 2016): the deepest residual branch is dropped with this
+    probability per sample, shallower ones linearly less."""
+    dropout: float = 0.0
+    """Dropout on the features before the classifier."""
+    init: Literal["default", "he", "xavier", "orthogonal", "trunc_normal"] = "default"
+    """Initialisation of conv and linear weights (biases zeroed); ``default`` keeps the model's own."""
+    init_gain: Optional[float] = None
+    """Gain of ``xavier``/``orthogonal``, standard deviation of ``trunc_normal``; None: the scheme's
+    usual value (1, 1, 0.02). ``he`` takes its gain from ReLU."""
+    pretrained: str = ""
+    """Start from these weights: a run directory, a ``model.safetensors``, a distrain checkpoint
+    directory, or a torchvision/timm state-dict file. Never downloaded."""
+    pretrained_ignore: list[str] = field(default_factory=list)
+    """Names (globs) of pretrained tensors to skip on purpose; the model keeps its own init there."""
+    reset_classifier: bool = False
+    """Re-initialise the pretrained classifier even when its number of classes matches (transfer to
+    other classes)."""
     channels_last: bool = False
     compile: bool = False
     """torch.compile the model (GPU runs; adds start-up time)."""
@@ -127,6 +151,11 @@ class OptimConfig:
     eps: float = 1e-8
     trust_coefficient: float = 0.001
     """LARS trust coefficient (eta)."""
+    layer_decay: float = 1.0
+    """Layer-wise LR decay (BEiT, MAE): block ``i`` of ``n`` (0 the stem, ``n`` the head) trains at
+    LR x layer_decay ** (n - i); 1 is off."""
+    head_lr_scale: float = 1.0
+    """Multiplies the classifier's LR (discriminative LRs for fine-tuning)."""
 
 
 @dataclass
@@ -228,6 +257,33 @@ class FixResConfig:
 
 
 @dataclass
+class TransferConfig:
+    """What trains when starting from pretrained weights (Kornblith et al. 2019; ULMFiT)."""
+
+    mode: Literal["full", "linear_probe", "gradual"] = "full"
+    """``full``: everything trains (with ``optim.layer_decay``/``head_lr_scale`` for fine-tuning);
+    ``linear_probe``: only the classifier, the rest frozen with BN statistics frozen; ``gradual``:
+    blocks unfreeze one after another from the head down (see ``unfreeze_every``)."""
+    unfreeze_every: float = 1.0
+    """``gradual``: epochs between unfreezing successive blocks: the head trains from epoch 0, the
+    block below it from ``unfreeze_every``, and so on."""
+
+
+@dataclass
+class EarlyStoppingConfig:
+    """Stop when an eval metric stops improving, decided once for all ranks."""
+
+    patience: int = 0
+    """Evaluations without improvement before stopping; 0 is off."""
+    metric: str = "eval/top1"
+    mode: Literal["max", "min"] = "max"
+    min_delta: float = 0.0
+    """Smallest change that counts as an improvement."""
+    restore_best: bool = False
+    """Export the best checkpoint's weights (not the last) as ``model.safetensors``."""
+
+
+@dataclass
 class CheckpointConfig:
     every_epochs: int = 1
     keep_last: int = 2
@@ -299,8 +355,13 @@ class Config:
     mix: MixConfig = field(default_factory=MixConfig)
     progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
     fixres: FixResConfig = field(default_factory=FixResConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    phases: list[dict[str, Any]] = field(default_factory=list)
+    """Phases run in order, each a partial recipe over this one with its ``name`` (its run
+    subdirectory and W&B prefix); each starts from the previous phase's exported weights."""
 
     @property
     def out_dir(self) -> Path:
@@ -387,6 +448,8 @@ def _type_name(tp: Any) -> str:
         return " | ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "mapping"
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
@@ -406,6 +469,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, list):
             (inner,) = typing.get_args(tp)
             return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif origin is dict:
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            _, inner = typing.get_args(tp)
+            return {k: v if inner is Any else _coerce(v, inner, f"{key}.{k}") for k, v in value.items()}
     elif tp is type(None):
         if value is None:
             return None
@@ -503,6 +570,11 @@ def _check_values(cfg: Config) -> None:
             raise DistrainError(f"{key}: a probability in [0, 1], got {p}")
     if not 0.0 <= cfg.ema.decay < 1.0:
         raise DistrainError(f"ema.decay: must be in [0, 1), got {cfg.ema.decay}")
+    if (cfg.model.norm == "ghost") != (cfg.model.ghost_batch_size > 0):
+        raise DistrainError(
+            f"model.ghost_batch_size: {cfg.model.ghost_batch_size} with model.norm={cfg.model.norm}; ghost BN is "
+            "model.norm=ghost with model.ghost_batch_size > 0"
+        )
     if cfg.model.ghost_batch_size and not cfg.batch.global_batch and cfg.batch.per_device % cfg.model.ghost_batch_size:
         raise DistrainError(
             f"model.ghost_batch_size: batch.per_device {cfg.batch.per_device} is not a multiple of "

@@ -274,7 +274,7 @@ def test_literal_names_allowed_values():
     with pytest.raises(DistrainError, match=r"optim\.name:.*'sgd'.*'adamw'"):
         from_dict({"optim": {"name": "adam"}})
     with pytest.raises(DistrainError, match=r"model\.norm:.*'batch'.*'group'"):
-        from_dict({"model": {"norm": "layer"}})
+        from_dict({"model": {"norm": "batchnorm"}})
 
 
 def test_optional_and_union_fields():

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from test_plan_schedule import cfg_with
 from test_train import recipe
 
-from distrain.dist.deepspeed import generated_config, merge_user_config
+from distrain.parallel.deepspeed import generated_config, merge_user_config
 from distrain.errors import DistrainError
 from distrain.tricks.ema import _named_tensors
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import free_port, run_env
 
-from distrain.dist.signals import Agreement, agree
+from distrain.parallel.signals import Agreement, agree
 
 SCRIPT = """
 import datetime
@@ -26,8 +26,8 @@ import torch.distributed as dist
 import torch.testing._internal.distributed.fake_pg  # registers the "fake" backend
 
 from accelerate.utils import InitProcessGroupKwargs
-from distrain.dist.setup import drop_host_group, host_group
-from distrain.dist.signals import Agreement, agree
+from distrain.parallel.setup import drop_host_group, host_group
+from distrain.parallel.signals import Agreement, agree
 
 store, rank, world = next(dist.rendezvous("env://"))
 dist.init_process_group("fake", store=store, rank=rank, world_size=world)

@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO, checked, free_port, run_env
 from test_train import recipe
 
-from distrain.dist.setup import check_world_size
+from distrain.parallel.setup import check_world_size
 from distrain.errors import DistrainError
 
 
@@ -90,7 +90,7 @@ def test_launch_configs_load_in_accelerate(path):
 def test_deepspeed_templates_merge_with_a_recipe(path):
     from test_plan_schedule import cfg_with
 
-    from distrain.dist.deepspeed import deepspeed_config
+    from distrain.parallel.deepspeed import deepspeed_config
 
     stage = 3 if "zero3" in path.name else 2
     offload = "offload" in path.name

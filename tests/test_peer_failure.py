@@ -10,7 +10,7 @@ import pytest
 import torch.distributed as dist
 from conftest import PYTHON, free_port, run_env
 
-from distrain.dist.signals import is_peer_failure
+from distrain.parallel.signals import is_peer_failure
 
 # What the surviving gloo rank got (type RuntimeError, exactly these texts) on torch 2.14.1 when its
 # peer was killed with SIGKILL (every collective after the kill: all_reduce, broadcast, barrier,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distrain.dist.setup import rank_gpu, resolve_precision
+from distrain.parallel.setup import rank_gpu, resolve_precision
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import torch
 from conftest import checked, distrain, read_jsonl
 from test_train import recipe
 
-from distrain.dist.rng import Owner, micro_batch_seed, seed_layers
+from distrain.parallel.rng import Owner, micro_batch_seed, seed_layers
 
 
 def test_seeds_differ_by_rank_update_micro_batch_and_owner():

@@ -13,7 +13,7 @@ from test_train import recipe
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 TECHNIQUES = {
-    "model": {"name": "cifar_resnet20", "zero_init_residual": True, "ghost_batch_size": 4},
+    "model": {"name": "cifar_resnet20", "zero_init_residual": True, "norm": "ghost", "ghost_batch_size": 4},
     "batch": {"per_device": 16, "global_batch": 64},  # 2 ranks x 16 x 2 accumulation
     "data": {"policy": "trivialaugment", "random_erasing": 0.25, "repeats": 2, "workers": 2, "train_crop": 16},
     "mix": {"mixup_alpha": 0.2, "cutmix_alpha": 1.0, "prob": 1.0, "switch_prob": 0.5},
@@ -63,7 +63,7 @@ def test_all_techniques_on_two_ranks(tmp_path, digits, optimizer):
 
     run_cfg = from_dict(yaml.safe_load((run / "config.yaml").read_text()))
     ghost, plain = build_model(run_cfg, 10), build_model(from_dict({**yaml.safe_load(
-        (run / "config.yaml").read_text()), "model": {**run_cfg.model.__dict__, "ghost_batch_size": 0}}), 10)
+        (run / "config.yaml").read_text()), "model": {**run_cfg.model.__dict__, "norm": "batch", "ghost_batch_size": 0}}), 10)
     assert any(isinstance(m, GhostBatchNorm2d) for m in ghost.modules())
     weights = load_file(run / "model.safetensors")
     ghost.load_state_dict(weights)

@@ -49,7 +49,8 @@ def test_the_same_settings_resume():
     ("progressive.start_size=8", "progressive.start_size: 0 -> 8"),
     # The loss.
     ("train.label_smoothing=0.1", "train.label_smoothing: 0.0 -> 0.1"),
-    ("model.ghost_batch_size=8", "model.ghost_batch_size: 0 -> 8"),
+    ("model.norm=group", "model.norm: 'batch' -> 'group'"),
+    ("model.drop_path_rate=0.1", "model.drop_path_rate: 0.0 -> 0.1"),
     # The LR and the updates.
     ("schedule.decay=multistep", "schedule.decay: 'cosine' -> 'multistep'"),
     ("schedule.milestones=[1,2,3]", "schedule.milestones: [30, 60, 80] -> [1.0, 2.0, 3.0]"),

@@ -31,11 +31,11 @@ from torch import nn
 from distrain.config import Config, dump, to_dict
 from distrain.data.device import ToDevice, prefetch_to_device
 from distrain.data.stream import PAD_LABEL
-from distrain.dist import build_accelerator
-from distrain.dist.deepspeed import fill_deepspeed_batch, input_dtype, is_partitioned, master_weights
-from distrain.dist.rng import Owner, host_generator, micro_batch_seed, numpy_generator, seed_layers
-from distrain.dist.setup import broadcast_from_main, replica_fingerprints, shutdown, sync_buffers
-from distrain.dist.signals import StopSignals, agree, is_peer_failure, requeue_slurm_job
+from distrain.parallel import build_accelerator
+from distrain.parallel.deepspeed import fill_deepspeed_batch, input_dtype, is_partitioned, master_weights
+from distrain.parallel.rng import Owner, host_generator, micro_batch_seed, numpy_generator, seed_layers
+from distrain.parallel.setup import broadcast_from_main, replica_fingerprints, shutdown, sync_buffers
+from distrain.parallel.signals import StopSignals, agree, is_peer_failure, requeue_slurm_job
 from distrain.engine.build import build_model, eval_stream, loader, prepare_builtin, resolve_data, train_stream
 from distrain.engine.evaluate import evaluate
 from distrain.engine.step import finish_update, micro_batch
@@ -462,7 +462,7 @@ def _augment_on_device(
     """Random erasing, then MixUp/CutMix, with this rank's draws for this micro-batch.
 
     Args:
-        seed: ``seed(owner)`` gives the micro-batch seed of each owner (see :mod:`distrain.dist.rng`).
+        seed: ``seed(owner)`` gives the micro-batch seed of each owner (see :mod:`distrain.parallel.rng`).
 
     Returns:
         (images, targets: int labels or soft targets when mixing is on, what was drawn).

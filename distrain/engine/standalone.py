@@ -11,9 +11,9 @@ from safetensors.torch import load_file, save_file
 
 from distrain.config import Config, apply_overrides, from_dict
 from distrain.data.device import ToDevice
-from distrain.dist import build_accelerator
-from distrain.dist.deepspeed import consolidated_state_dict
-from distrain.dist.setup import shutdown
+from distrain.parallel import build_accelerator
+from distrain.parallel.deepspeed import consolidated_state_dict
+from distrain.parallel.setup import shutdown
 from distrain.engine.build import build_model, eval_stream, loader, resolve_data
 from distrain.engine.evaluate import evaluate, sample_hits
 from distrain.errors import DistrainError

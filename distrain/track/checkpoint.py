@@ -197,6 +197,11 @@ RESUME_FREE = (
     "data.bad_samples",  # what happens at a bad sample (skip or stop), not what a good one holds
     "data.max_bad_fraction",  # likewise
     "model.zero_init_residual",  # the initial weights only, which the checkpoint's replace
+    "model.init",  # likewise
+    "model.init_gain",  # likewise
+    "model.pretrained",  # likewise (a phase's start is the previous phase's export)
+    "model.pretrained_ignore",  # likewise
+    "model.reset_classifier",  # likewise
     "model.channels_last",  # memory layout: the same maths up to kernel rounding
     "model.compile",  # likewise
     "batch.per_device",  # batch.*: the plan's per-device batch, accumulation and world size are
@@ -214,6 +219,8 @@ RESUME_FREE = (
     "checkpoint.*",  # checkpoint cadence and retention
     "logging.*",  # outputs only (W&B, progress bar, audit logs)
     "preemption.*",  # how often ranks agree to stop, and requeueing
+    "early_stopping.*",  # when the run ends and what it exports, not what an update computes (like train.max_updates)
+    "phases",  # each phase's checkpoints hold that phase's own resolved config, which is compared
 )
 _PLAN_KEYS = ("world_size", "per_device", "accumulation", "global_batch", "train_samples", "updates_per_epoch",
               "total_updates", "warmup_updates", "peak_lr", "warmup_start_lr", "milestone_updates")

@@ -91,7 +91,7 @@ def random_erasing(images: torch.Tensor, p: float, generator: torch.Generator | 
         images: Normalised float batch (B, C, H, W), on any device.
         p: Probability that an image is erased.
         generator: A CPU generator for the decisions and boxes (the loop derives one per rank and
-            micro-batch, see :mod:`distrain.dist.rng`); None draws from torch's global one.
+            micro-batch, see :mod:`distrain.parallel.rng`); None draws from torch's global one.
 
     Returns:
         A new batch (same memory format); ``images`` is left unchanged.

@@ -10,7 +10,7 @@ Why not torchvision's transforms themselves: they draw from torch's global gener
 rank seeds alike (so a 256-GPU global batch would share one lambda and one box), and they always
 pair an image with its neighbour, which under in-batch repeated augmentation is usually its own
 copy. Here every draw comes from a generator the caller derives per rank and micro-batch
-(:mod:`distrain.dist.rng`), and ``shift`` is the number of copies of a sample the batch holds
+(:mod:`distrain.parallel.rng`), and ``shift`` is the number of copies of a sample the batch holds
 (they sit next to each other), so an image is never mixed with one of its own copies.
 
 All draws happen on the host and never wait for the device.
@@ -163,7 +163,7 @@ class MixCut:
         Args:
             images: Normalised float batch (B, C, H, W), on any device.
             labels: int64 (B,) labels in ``[0, num_classes)`` or -1, on the same device.
-            rng: This rank's generator for this micro-batch (see :mod:`distrain.dist.rng`).
+            rng: This rank's generator for this micro-batch (see :mod:`distrain.parallel.rng`).
 
         Returns:
             (images, float32 targets (B, num_classes), the draw or None): rows sum to 1, label -1

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from gpu_helpers import NEEDS_GPU
 
 from distrain.config import from_dict
-from distrain.dist.setup import has_native_bf16
+from distrain.parallel.setup import has_native_bf16
 from distrain.engine.build import build_model
 
 pytestmark = NEEDS_GPU

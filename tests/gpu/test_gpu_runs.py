@@ -13,7 +13,7 @@ from conftest import PYTHON, checked, distrain, read_jsonl, run_env
 from gpu_helpers import NEEDS_GPU
 from test_train import recipe
 
-from distrain.dist.setup import has_native_bf16
+from distrain.parallel.setup import has_native_bf16
 
 pytestmark = NEEDS_GPU
 

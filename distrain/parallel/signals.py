@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator
 
-from distrain.dist.setup import host_group
+from distrain.parallel.setup import host_group
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
@@ -80,7 +80,7 @@ class Agreement:
 def agree(accelerator: Accelerator, stop: bool, bad_samples: int) -> Agreement:
     """Sum each rank's stop flag and new bad-sample count over all ranks (one all-reduce).
 
-    The all-reduce runs on the host over gloo (:func:`~distrain.dist.setup.host_group`): on NCCL
+    The all-reduce runs on the host over gloo (:func:`~distrain.parallel.setup.host_group`): on NCCL
     its result would cost a wait for the GPU, a second host synchronisation per update besides
     the non-finite check.
     """

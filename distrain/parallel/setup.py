@@ -14,7 +14,7 @@ from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
 from distrain.config import Config
-from distrain.dist.deepspeed import deepspeed_config, gathered, uses_deepspeed
+from distrain.parallel.deepspeed import deepspeed_config, gathered, uses_deepspeed
 from distrain.errors import DistrainError
 
 

@@ -1,5 +1,5 @@
 """Everything that touches ranks and process groups lives here; the rest asks it."""
 
-from distrain.dist.setup import build_accelerator
+from distrain.parallel.setup import build_accelerator
 
 __all__ = ["build_accelerator"]
