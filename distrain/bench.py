@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from distrain.config import Config
+from distrain.config import Config, ModelConfig
 from distrain.data.decode import JPEG_MAGIC, image_size
 from distrain.data.index import INDEX_NAME
 from distrain.data.shards import reads_for_range, resolve_shards
@@ -276,19 +276,19 @@ def bench_step(model_name: str = "resnet18", res: int = 64, batch: int = 32, upd
     import torch.nn.functional as F
 
     from distrain.config import from_dict
-    from distrain.parallel import build_accelerator
-    from distrain.parallel.setup import shutdown
     from distrain.engine.step import finish_update, micro_batch
     from distrain.models import create_model
     from distrain.optim import create_optimizer
+    from distrain.parallel import build_accelerator
+    from distrain.parallel.setup import shutdown
     from distrain.tricks.ema import EMA
 
     cfg = from_dict({"model": {"name": model_name}, "logging": {"wandb": False, "progress": False},
                      "optim": {"lr": 0.01}, "train": {"label_smoothing": 0.1}})
     accelerator = build_accelerator(cfg)
     torch.manual_seed(0)
-    ours = create_model(model_name, classes, "batch", False)
-    plain = create_model(model_name, classes, "batch", False)
+    ours = create_model(cfg.model, classes)
+    plain = create_model(cfg.model, classes)
     plain.load_state_dict(ours.state_dict())
     plain.to(accelerator.device).train()
     optimizer = create_optimizer(ours, cfg.optim, 0.01)
@@ -307,7 +307,8 @@ def bench_step(model_name: str = "resnet18", res: int = 64, batch: int = 32, upd
 
     def distrain_update(u: int, with_ema: bool) -> None:
         with accelerator.accumulate(model):
-            loss, _ = micro_batch(accelerator, model, optimizer, loss_fn, images, targets, lambda: 0.01)
+            loss, _ = micro_batch(accelerator, model, optimizer, lambda m, x, y: loss_fn(m(x), y), images, targets,
+                                  lambda: 0.01)
             loss_sum.add_(loss)  # the loop's device-side window sum (read at log time, not timed here)
             finish_update(accelerator, model, optimizer, None, check_finite=True)
         if with_ema:
@@ -541,7 +542,8 @@ def _plain_run(cfg: Config, train: tuple, test: tuple, num_classes: int, seed: i
     start, cpu = time.perf_counter(), time.process_time()
     d = cfg.data
     torch.manual_seed(seed)
-    model = create_model(cfg.model.name, num_classes, "batch", cfg.model.zero_init_residual)
+    # The plain loop's model: the recipe's architecture with batch norm, nothing else of distrain's.
+    model = create_model(ModelConfig(name=cfg.model.name, zero_init_residual=cfg.model.zero_init_residual), num_classes)
     decay = [p for p in model.parameters() if p.ndim > 1]  # conv and linear weights; not BN or biases
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     lr = cfg.optim.lr * cfg.batch.per_device / cfg.optim.base_batch

@@ -200,6 +200,16 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                 f"{cfg.data.eval_crop} px, peak LR {fplan.peak_lr:g}, training the classifier and "
                 f"{cfg.fixres.adapt} norm layer(s)")
         rows.append(("FixRes phase", what))
+    if cfg.optim.layer_decay != 1 or cfg.optim.head_lr_scale != 1 or cfg.transfer.mode != "full":
+        import torch
+
+        from distrain.models import create_model
+        from distrain.tricks.transfer import describe_groups
+
+        with torch.device("meta"):  # parameter names and shapes only, no memory
+            model = create_model(cfg.model, cfg.data.num_classes or 1000)
+        groups = describe_groups(model, cfg.optim, cfg.transfer, plan.peak_lr)
+        rows += [("parameter groups" if i == 0 else "", line) for i, line in enumerate(groups)]
     if args.png:
         rows.append(("schedules PNG", drawn))
     width = max(len(k) for k, _ in rows)
@@ -233,6 +243,8 @@ def _cmd_data(args: argparse.Namespace) -> int:
             samples_per_shard=args.samples_per_shard or 1000,
             shuffle_seed=None if args.no_shuffle else args.seed,
             overwrite=args.overwrite,
+            classes=args.classes.split(",") if args.classes else None,
+            train_per_class=args.train_per_class,
         )
     else:
         out = {"index": writer.index_shards(args.dir)}
@@ -361,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     f = dsub.add_parser("folder", parents=[common], help="a class-per-folder image tree (train/ val/ test/ splits)")
     f.add_argument("src")
     f.add_argument("--no-shuffle", action="store_true", help="keep sorted order instead of shuffling")
+    f.add_argument("--classes", help="comma-separated class folders to write (default: all)")
+    f.add_argument("--train-per-class", type=int, default=0,
+                   help="keep this many training images per class, chosen by --seed (default: all)")
     ix = dsub.add_parser("index", help="write index.json for a directory of existing webdataset tars")
     ix.add_argument("dir")
     d.set_defaults(func=_cmd_data)

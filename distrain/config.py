@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -288,7 +289,8 @@ class CheckpointConfig:
     every_epochs: int = 1
     keep_last: int = 2
     keep_best: bool = True
-    """Also keep the checkpoint with the best eval/top1."""
+    """Also keep the checkpoint with the best eval/top1 (the best ``early_stopping.metric`` when
+    early stopping or ``restore_best`` is on)."""
 
 
 @dataclass
@@ -607,8 +609,12 @@ def _check_values(cfg: Config) -> None:
             f"data.eval_crop: {cfg.data.eval_crop} is larger than data.eval_resize {cfg.data.eval_resize}"
         )
     from distrain.models.factory import check_model_name
+    from distrain.tricks.early_stopping import check_config as check_early_stopping
+    from distrain.tricks.transfer import check_transfer
 
     check_model_name(cfg.model.name)
+    check_early_stopping(cfg)
+    check_transfer(cfg)
     if cfg.optim.nesterov and cfg.optim.momentum <= 0:
         raise DistrainError("optim.nesterov: needs optim.momentum > 0")
     if cfg.data.train_resize and cfg.data.train_crop > cfg.data.train_resize:
@@ -645,14 +651,62 @@ def _check_values(cfg: Config) -> None:
         raise DistrainError(f"schedule.milestones: must be increasing, got {cfg.schedule.milestones}")
 
 
+_PHASE_NAME = re.compile(r"[A-Za-z0-9_-]+")
+# Names a phase cannot take: the run dir's own entries (the FixRes phase is RUN_DIR/fixres).
+_RESERVED_PHASE_NAMES = {"fixres", "checkpoints", "draws", "wandb"}
+# Settings of the whole chain: one run, one seed stream of run dirs, one W&B run.
+_CHAIN_KEYS = {"name", "run_dir", "phases"}
+
+
+def phase_configs(cfg: Config) -> list[Config]:
+    """The validated config of each phase of ``cfg.phases``, in order (empty without phases).
+
+    Phase ``i`` is ``cfg`` with the phase's partial recipe merged over it, its run dir
+    ``RUN_DIR/<phase name>``, and, unless the phase names its own ``model.pretrained``, the
+    previous phase's run dir as ``model.pretrained`` (its export is where it starts).
+
+    Raises:
+        DistrainError: a phase without a valid, unique name, setting a whole-chain key, or any
+            invalid value (named as ``phases[i] (name): key: ...``).
+    """
+    base = to_dict(cfg)
+    del base["phases"]
+    configs: list[Config] = []
+    for i, phase in enumerate(cfg.phases):
+        name = phase.get("name")
+        if not isinstance(name, str) or not _PHASE_NAME.fullmatch(name) or name in _RESERVED_PHASE_NAMES:
+            raise DistrainError(
+                f"phases[{i}].name: each phase needs a name of letters, digits, '-' or '_' (not "
+                f"{', '.join(sorted(_RESERVED_PHASE_NAMES))}), got {name!r}"
+            )
+        if any(c.out_dir.name == name for c in configs):
+            raise DistrainError(f"phases[{i}].name: {name!r} names two phases")
+        where = f"phases[{i}] ({name})"
+        chain = sorted(_CHAIN_KEYS & (phase.keys() - {"name"}))
+        if chain:
+            raise DistrainError(f"{where}: {chain[0]} belongs to the whole recipe, not to one phase")
+        merged = _deep_merge(base, {k: v for k, v in phase.items() if k != "name"})
+        merged["run_dir"] = str(cfg.out_dir / name)
+        if configs and not (phase.get("model") or {}).get("pretrained"):
+            merged["model"]["pretrained"] = str(configs[-1].out_dir)
+        try:
+            configs.append(from_dict(merged))
+        except DistrainError as error:
+            raise DistrainError(f"{where}: {error}") from None
+    return configs
+
+
 def from_dict(data: dict) -> Config:
-    """Validate a recipe mapping against the schema.
+    """Validate a recipe mapping against the schema, phases included.
 
     Raises:
         DistrainError: naming the first unknown key, wrongly typed value or out-of-range value.
     """
     cfg = _build(Config, data)
     _check_values(cfg)
+    if cfg.phases and cfg.fixres.epochs:
+        raise DistrainError("fixres.epochs: with phases, set it in the phase that FixRes follows")
+    phase_configs(cfg)
     return cfg
 
 

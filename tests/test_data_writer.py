@@ -168,6 +168,24 @@ def test_folder_flat_tree_shuffle_and_sorted_order(tmp_path):
     assert shuffled_keys != sorted_keys and sorted(shuffled_keys) == sorted_keys
 
 
+def test_folder_class_subset_and_few_labels_per_class(tmp_path):
+    # Transfer experiments: disjoint class sets, and few labels per class in train (all of test).
+    src = tmp_path / "src"
+    files = make_tree(src, {"train/a": 6, "train/b": 5, "train/c": 4, "test/a": 2, "test/b": 2, "test/c": 2})
+    out = write_folder(src, tmp_path / "out", classes=["c", "b"], train_per_class=3, progress=False)
+    train, test = read_index(out["train"]), read_index(out["test"])
+    assert train["classes"] == test["classes"] == ["b", "c"]  # labels follow the sorted subset
+    check_against_files(out["test"], {p: c for p, c in files.items() if "test" in p.parts and c != "a"})
+    doc, shards = read_set(out["train"])
+    labels = [int(s["cls"]) for shard in shards for s in shard]
+    assert doc["total"] == 6 and sorted(labels) == [0, 0, 0, 1, 1, 1]
+    other = write_folder(src, tmp_path / "other", classes=["b", "c"], train_per_class=3, shuffle_seed=1, progress=False)
+    keys = [{s["__key__"] for shard in read_set(d)[1] for s in shard} for d in (out["train"], other["train"])]
+    assert keys[0] != keys[1]  # the seed chooses which images are kept
+    with pytest.raises(DistrainError, match="--classes: zebra not among"):
+        write_folder(src, tmp_path / "bad", classes=["a", "zebra"], progress=False)
+
+
 def test_folder_unreadable_image_names_file(tmp_path):
     src = tmp_path / "src"
     make_tree(src, {"cat": 2, "dog": 2})
@@ -183,7 +201,7 @@ def test_folder_unreadable_image_names_file(tmp_path):
     "layout, culprit, message",
     [
         ({}, "src", "no class folders"),
-        ({"cat": 2, "dog": 0}, "src/dog", "no .jpg/.jpeg/.png images"),
+        ({"cat": 2, "dog": 0}, "src/dog", "no .jpg/.jpeg/.png/.webp images"),
         ({"train/cat": 2, "test/cat": 1, "test/bird": 1}, "src/test/bird", "not among the first"),
     ],
 )
@@ -231,7 +249,7 @@ def test_write_shard_set_rejects_bad_samples(tmp_path):
     for bad in (
         [("a.b", png.getvalue(), "png", 0)],
         [("a", png.getvalue(), "png", 0), ("a", png.getvalue(), "png", 0)],
-        [("a", png.getvalue(), "jpeg", 0)],
+        [("a", png.getvalue(), "gif", 0)],
         [("a", png.getvalue(), "png", 2)],
     ):
         with pytest.raises(ValueError):

@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 from test_plan_schedule import cfg_with
 from test_train import recipe
 
-from distrain.parallel.deepspeed import generated_config, merge_user_config
 from distrain.errors import DistrainError
+from distrain.parallel.deepspeed import generated_config, merge_user_config
 from distrain.tricks.ema import _named_tensors
 
 # A few updates of a BN ResNet with EMA, identical recipe under every backend. Parity runs use no

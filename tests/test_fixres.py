@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -18,8 +19,10 @@ from wandb_offline import read_offline_runs
 
 from distrain.data.decode import eval_sample, train_sample
 from distrain.errors import DistrainError
+from distrain.config import ModelConfig
 from distrain.models import create_model
-from distrain.tricks.fixres import fixres_config, fixres_train_mode, freeze_for_fixres
+from distrain.tricks.fixres import fixres_config, freeze_for_fixres
+from distrain.tricks.transfer import train_only
 
 
 def trainable(model: nn.Module) -> set[str]:
@@ -27,17 +30,17 @@ def trainable(model: nn.Module) -> set[str]:
 
 
 def test_last_norm_and_classifier_of_a_resnet():
-    model = create_model("resnet18", 10, "batch", False)
+    model = create_model(ModelConfig(name="resnet18", norm="batch"), 10)
     adapted = freeze_for_fixres(model, "last")
     assert trainable(model) == {"fc.weight", "fc.bias", "layer4.1.bn2.weight", "layer4.1.bn2.bias"}
     assert adapted == [model.layer4[1].bn2]
 
 
 def test_stats_only_and_all():
-    model = create_model("cifar_resnet20", 10, "batch", False)
+    model = create_model(ModelConfig(name="cifar_resnet20", norm="batch"), 10)
     adapted = freeze_for_fixres(model, "stats")
     assert trainable(model) == {"fc.weight", "fc.bias"} and len(adapted) == 1
-    model = create_model("cifar_resnet20", 10, "batch", False)
+    model = create_model(ModelConfig(name="cifar_resnet20", norm="batch"), 10)
     adapted = freeze_for_fixres(model, "all")
     norms = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
     assert len(adapted) == len(norms) > 1
@@ -45,11 +48,11 @@ def test_stats_only_and_all():
 
 
 def test_train_mode_keeps_only_adapted_layers_training():
-    model = create_model("cifar_resnet20", 10, "batch", False)
+    model = create_model(ModelConfig(name="cifar_resnet20", norm="batch"), 10)
     adapted = freeze_for_fixres(model, "last")
     wrapper = nn.Sequential(model)  # stands in for the DDP wrapper
     model.eval()
-    fixres_train_mode(wrapper, model, adapted)
+    train_only(wrapper, model, adapted)
     assert wrapper.training
     assert [n for n, m in model.named_modules() if m.training] == ["layers.8.bn2"]
     # A training-mode forward moves the adapted BN's statistics only.
@@ -70,7 +73,9 @@ def test_phase_config():
     assert (f.data.policy, f.data.random_erasing, f.data.repeats) == ("none", 0.0, 1)
     assert f.mix.mixup_alpha == 0 and f.ema.decay == 0 and f.progressive.start_size == 0
     assert (f.optim.lr, f.schedule.epochs, f.schedule.warmup_epochs, f.schedule.decay) == (0.002, 3, 0.0, "cosine")
-    assert f.batch == base.batch and f.optim.name == base.optim.name and f.model == base.model
+    assert f.batch == base.batch and f.optim.name == base.optim.name
+    # It starts from the main run's export; the model is otherwise the main run's.
+    assert f.model.pretrained == str(base.out_dir) and dataclasses.replace(f.model, pretrained="") == base.model
 
 
 def test_phase_in_distrain_train_and_resume(tmp_path, digits):

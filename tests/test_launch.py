@@ -10,8 +10,8 @@ import pytest
 from conftest import REPO, checked, free_port, run_env
 from test_train import recipe
 
-from distrain.parallel.setup import check_world_size
 from distrain.errors import DistrainError
+from distrain.parallel.setup import check_world_size
 
 
 def test_world_size_guard():

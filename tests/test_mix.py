@@ -119,9 +119,9 @@ def test_in_batch_copies_are_never_mixed_with_themselves(tmp_path, repeats):
     stream = ShardStream(shards, rank=0, world_size=1, batch_size=8, seed=0, num_classes=4,
                          augment=Augment(8, (0.5, 1.0), (0.75, 1.33), True), batches_per_epoch=4, repeats=repeats)
     assert stream.batch_copies == repeats
-    # The loop's own construction (engine/loop.py) gives the stream's copies as the partner shift.
+    # The loop's own construction (engine/objective.py) gives the stream's copies as the partner shift.
     from distrain.config import from_dict
-    from distrain.engine.loop import _mixcut
+    from distrain.engine.objective import _mixcut
     from distrain.plan import make_plan
 
     cfg = from_dict({"batch": {"per_device": 8}, "data": {"repeats": repeats, "train_samples": 64},
@@ -189,7 +189,7 @@ def test_soft_cross_entropy_ignores_pad_rows(eps):
 
 def test_a_batch_of_copies_of_one_sample_is_refused_when_mixing():
     from distrain.config import from_dict
-    from distrain.engine.loop import _mixcut
+    from distrain.engine.objective import _mixcut
     from distrain.errors import DistrainError
     from distrain.plan import make_plan
 

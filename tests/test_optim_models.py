@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from distrain.config import OptimConfig, from_dict
+from distrain.config import ModelConfig, OptimConfig, from_dict
 from distrain.errors import DistrainError
 from distrain.models import create_model, model_names
-from distrain.models.factory import group_norm
+from distrain.models.norms import group_norm
 from distrain.optim import create_optimizer, param_groups
 
 
@@ -19,6 +19,10 @@ def ids(params) -> set[int]:
 
 def trainable(model: nn.Module) -> set[int]:
     return {id(p) for p in model.parameters() if p.requires_grad}
+
+
+def build(name: str, num_classes: int, **options) -> nn.Module:
+    return create_model(ModelConfig(name=name, **options), num_classes)
 
 
 def small_net() -> nn.Module:
@@ -57,7 +61,7 @@ def test_param_groups_split_norm_and_bias():
 
 
 def test_param_groups_resnet_counts_add_up():
-    m = create_model("resnet18", 10)
+    m = build("resnet18", 10)
     decay, no_decay = param_groups(m, 1e-4, False)
     n_decay, n_no = len(decay["params"]), len(no_decay["params"])
     assert n_decay + n_no == len(list(m.parameters()))
@@ -134,7 +138,7 @@ def test_create_optimizer_norm_bias_decay_single_group_and_steps():
 
 
 def test_cifar_resnet20_forward():
-    m = create_model("cifar_resnet20", 10).eval()
+    m = build("cifar_resnet20", 10).eval()
     with torch.no_grad():
         out = m(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, 10)
@@ -144,7 +148,7 @@ def test_cifar_resnet20_forward():
 
 
 def test_torchvision_resnet18_num_classes():
-    m = create_model("resnet18", 7).eval()
+    m = build("resnet18", 7).eval()
     assert m.fc.out_features == 7
     with torch.no_grad():
         assert m(torch.randn(1, 3, 64, 64)).shape == (1, 7)
@@ -152,7 +156,7 @@ def test_torchvision_resnet18_num_classes():
 
 @pytest.mark.parametrize("name, size, classes", [("cifar_resnet20", 32, 10), ("resnet18", 64, 7)])
 def test_group_norm_removes_batchnorm(name, size, classes):
-    m = create_model(name, classes, norm="group")
+    m = build(name, classes, norm="group")
     assert not any(isinstance(mod, nn.modules.batchnorm._BatchNorm) for mod in m.modules())
     gns = [mod for mod in m.modules() if isinstance(mod, nn.GroupNorm)]
     assert gns
@@ -172,24 +176,27 @@ def test_group_norm_group_counts():
 
 def test_unknown_model_suggests():
     with pytest.raises(DistrainError) as e:
-        create_model("resnet51", 10)
+        build("resnet51", 10)
     msg = str(e.value)
     assert msg.startswith("model.name:")
     assert "resnet51" in msg and "did you mean" in msg and "resnet50" in msg
     with pytest.raises(DistrainError, match="did you mean.*cifar_resnet20"):
-        create_model("cifar_resnet21", 10)
+        build("cifar_resnet21", 10)
+    # A timm name without its prefix is pointed at it.
+    with pytest.raises(DistrainError, match="did you mean.*timm/vit_small_patch16_224"):
+        build("vit_small_patch16_224", 10)
 
 
 def test_group_norm_without_norm_layer_option():
     with pytest.raises(DistrainError) as e:
-        create_model("vgg11", 10, norm="group")
+        build("vgg11", 10, norm="group")
     msg = str(e.value)
     assert msg.startswith("model.norm:") and "vgg11" in msg
 
 
 def test_model_names():
     names = model_names()
-    for n in ("cifar_resnet20", "cifar_resnet110", "resnet18", "resnet50", "vgg11"):
+    for n in ("cifar_resnet20", "cifar_resnet110", "resnet18", "resnet50", "vgg11", "timm/vit_small_patch16_224"):
         assert n in names
     assert len(names) == len(set(names))
 
@@ -197,7 +204,7 @@ def test_model_names():
 def test_lars_and_lamb_exclude_no_decay_groups_from_the_trust_ratio():
     from timm.optim import Lamb, Lars
 
-    model = create_model("cifar_resnet20", 10)
+    model = build("cifar_resnet20", 10)
     lars = create_optimizer(model, OptimConfig(name="lars", momentum=0.9, weight_decay=1e-4), lr=1.0)
     lamb = create_optimizer(model, OptimConfig(name="lamb", weight_decay=0.05), lr=1e-3)
     assert isinstance(lars, Lars) and isinstance(lamb, Lamb)
@@ -218,9 +225,9 @@ def test_lars_and_lamb_exclude_no_decay_groups_from_the_trust_ratio():
 
 @pytest.mark.parametrize("name", ["cifar_resnet20", "resnet18"])
 def test_zero_init_residual_zeroes_the_last_norm_of_each_block(name):
-    model = create_model(name, 10, zero_init_residual=True)
+    model = build(name, 10, zero_init_residual=True)
     last_norms = [m.bn2 for m in model.modules() if hasattr(m, "bn2") and not hasattr(m, "bn3")]
     assert last_norms and all((bn.weight == 0).all() for bn in last_norms)
-    assert (create_model(name, 10).bn1.weight != 0).any()
+    assert (build(name, 10).bn1.weight != 0).any()
     with pytest.raises(DistrainError, match="zero_init_residual"):
-        create_model("vgg11", 10, zero_init_residual=True)
+        build("vgg11", 10, zero_init_residual=True)

@@ -351,9 +351,9 @@ def test_fixres_recipe_file_plans_its_numbers(capsys):
 
 
 def test_schedules_follow_the_loop_functions():
+    from distrain.track.schedule_plot import schedules
     from distrain.tricks.ema import ema_decay
     from distrain.tricks.progressive import train_size
-    from distrain.track.schedule_plot import schedules
 
     cfg = cfg_with(schedule={"epochs": 10, "warmup_epochs": 2, "decay": "cosine"}, batch={"per_device": 10},
                    progressive={"start_size": 128, "start_epoch": 2, "end_epoch": 6},

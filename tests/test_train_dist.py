@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from test_train import recipe
 from wandb_offline import read_offline_runs
 
+from distrain.config import ModelConfig
 from distrain.models import create_model
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
@@ -92,7 +93,7 @@ def test_accumulation_on_two_ranks_equals_one_big_batch(tmp_path):
         params[name] = load_file(tmp_path / name / "checkpoints" / "update-00000001" / "model.safetensors")
     # The runs start from the same seeded init; compare the updates they made, relative to their size.
     torch.manual_seed(0)
-    init = create_model("cifar_resnet20", 3, "group").state_dict()
+    init = create_model(ModelConfig(name="cifar_resnet20", norm="group"), 3).state_dict()
     worst = 0.0
     for key, start in init.items():
         big, acc = params["big"][key] - start, params["acc"][key] - start

@@ -33,6 +33,10 @@ POLICIES = ("none", "trivialaugment", "randaugment", "autoaugment")
 JPEG_MAGIC = b"\xff\xd8"
 
 
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+"""Sample member extensions that hold an image: what the stream reads and the writer writes."""
+
+
 def random_resized_crop_box(
     width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float], rng: random.Random
 ) -> Box:

@@ -63,12 +63,11 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from distrain.data.decode import DecodeError, eval_sample, make_policy, train_sample
+from distrain.data.decode import IMAGE_EXTS, DecodeError, eval_sample, make_policy, train_sample
 from distrain.data.index import ShardSet
 from distrain.data.shards import Read, epoch_offset, reads_for_range, repeat_layout, shard_order, split_evenly
 from distrain.errors import DistrainError
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 PAD_LABEL = -1
 
 

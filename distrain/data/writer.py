@@ -25,15 +25,15 @@ from PIL import Image
 from tqdm import tqdm
 from webdataset.tariterators import base_plus_ext
 
+from distrain.data.decode import IMAGE_EXTS
 from distrain.data.index import INDEX_NAME, write_index
 from distrain.errors import DistrainError
 
-_IMAGE_EXTS = ("jpg", "png")
-_FOLDER_SUFFIXES = {".jpg", ".jpeg", ".png"}
+_FOLDER_SUFFIXES = {"." + ext for ext in IMAGE_EXTS}
 # Files are stored under the format PIL finds in their bytes, not their name: a PNG saved as
 # ``x.jpg`` (ImageNet has some) would otherwise reach a JPEG-only decoder. MPO is how PIL reports
 # multi-picture JPEGs from cameras.
-_PIL_FORMAT_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png"}
+_PIL_FORMAT_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
 _SPLITS = ("train", "val", "test")
 _UNSAFE_KEY_CHARS = re.compile(r"[^\w-]")
 _TMP_SUFFIX = ".tmp"
@@ -146,8 +146,8 @@ def _check_sample(key: str, ext: str, label: int, num_classes: int, seen: set[st
     if key in seen:
         raise ValueError(f"duplicate sample key {key!r}")
     seen.add(key)
-    if ext not in _IMAGE_EXTS:
-        raise ValueError(f"sample {key!r}: image extension must be in {_IMAGE_EXTS}, got {ext!r}")
+    if ext not in IMAGE_EXTS:
+        raise ValueError(f"sample {key!r}: image extension must be in {IMAGE_EXTS}, got {ext!r}")
     if not 0 <= label < num_classes:
         raise ValueError(f"sample {key!r}: label {label} outside 0..{num_classes - 1}")
 
@@ -240,6 +240,8 @@ def write_folder(
     shuffle_seed: int | None = 0,
     overwrite: bool = False,
     progress: bool = True,
+    classes: list[str] | None = None,
+    train_per_class: int = 0,
 ) -> dict[str, Path]:
     """Write a class-per-folder image tree as shard sets.
 
@@ -247,7 +249,7 @@ def write_folder(
     ``train``, ``val``, ``test``, each becoming ``out/<split>``; other folders are ignored) or
     class folders directly (``src/cat/x.jpg``, becoming ``out/train``). The classes are the
     sorted class-folder names of the first split (``train`` if present); the other splits may
-    lack some of them but must not add any. Images are the ``.jpg``, ``.jpeg`` and ``.png`` files
+    lack some of them but must not add any. Images are the ``.jpg``, ``.jpeg``, ``.png`` and ``.webp`` files
     (any case) directly in a class folder; other files and names starting with ``.`` are skipped.
     Every image is checked with PIL before anything is written, and is stored byte for byte under
     the extension of the format PIL detects. Keys are ``<split>-<class>-<file stem>`` with every
@@ -262,14 +264,15 @@ def write_folder(
             (class, file name) order, which puts each class in its own run of shards.
         overwrite: Replace existing shard sets in ``out``.
         progress: Show progress bars on stderr.
-
-    Returns:
-        Split name to shard-set directory.
+        classes: Write only these class folders (in every split); labels follow their sorted
+            order. None: all of them. Transfer experiments use disjoint class sets.
+        train_per_class: Keep this many images of each class in the ``train`` split (a random
+            choice by ``shuffle_seed``, or the first in sorted order): few-label fine-tuning. 0 keeps all.
 
     Raises:
         DistrainError: ``src`` is missing or has no class folders, a class folder has no images,
             a split has a class folder the first split lacks, an image is unreadable or neither
-            JPEG nor PNG, or ``out`` is not empty and ``overwrite`` is off.
+            JPEG, PNG nor WebP, or ``out`` is not empty and ``overwrite`` is off.
     """
     src, out = Path(src), Path(out)
     if not src.is_dir():
@@ -277,18 +280,25 @@ def write_folder(
     _refuse_non_empty(out, overwrite)
     splits = {name: src / name for name in _SPLITS if _class_dirs(src / name)} or {"train": src}
     first = next(iter(splits))
-    classes = [d.name for d in _class_dirs(splits[first])]
-    if not classes:
+    found = [d.name for d in _class_dirs(splits[first])]
+    if not found:
         raise DistrainError(
             f"{src}: no class folders (expected <class>/<image> or <split>/<class>/<image>)"
         )
+    missing = sorted(set(classes or []) - set(found))
+    if missing:
+        raise DistrainError(f"--classes: {', '.join(missing)} not among the class folders of {splits[first]}")
+    skipped = set(found) - set(classes) if classes else set()
+    classes = [c for c in found if c not in skipped]
 
     # Every split is scanned and checked before any is written, so a bad file costs no output.
-    listed = {split: _scan_split(split, root, classes, progress) for split, root in splits.items()}
+    listed = {split: _scan_split(split, root, classes, progress, skipped) for split, root in splits.items()}
     result = {}
     for split, items in listed.items():
         if shuffle_seed is not None:
             random.Random(shuffle_seed).shuffle(items)
+        if split == "train" and train_per_class:
+            items = _first_per_class(items, train_per_class)
         result[split] = write_shard_set(
             ((key, path.read_bytes(), ext, label) for key, path, ext, label in items),
             out / split,
@@ -308,12 +318,26 @@ def _class_dirs(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def _first_per_class(items: list[tuple[str, Path, str, int]], n: int) -> list[tuple[str, Path, str, int]]:
+    """The first ``n`` items of each label, in the items' order."""
+    seen: dict[int, int] = {}
+    kept = []
+    for item in items:
+        seen[item[3]] = seen.get(item[3], 0) + 1
+        if seen[item[3]] <= n:
+            kept.append(item)
+    return kept
+
+
 def _scan_split(
-    split: str, root: Path, classes: list[str], progress: bool
+    split: str, root: Path, classes: list[str], progress: bool, skipped: set[str] = frozenset()
 ) -> list[tuple[str, Path, str, int]]:
-    """List and check one split's images as (key, path, ext, label), in sorted order."""
+    """List and check one split's images as (key, path, ext, label), in sorted order, leaving out
+    the ``skipped`` class folders."""
     files: list[tuple[Path, int]] = []
     for class_dir in _class_dirs(root):
+        if class_dir.name in skipped:
+            continue
         if class_dir.name not in classes:
             raise DistrainError(f"{class_dir}: class folder not among the first split's classes")
         images = sorted(
@@ -322,7 +346,7 @@ def _scan_split(
             if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in _FOLDER_SUFFIXES
         )
         if not images:
-            raise DistrainError(f"{class_dir}: class folder has no .jpg/.jpeg/.png images")
+            raise DistrainError(f"{class_dir}: class folder has no .jpg/.jpeg/.png/.webp images")
         label = classes.index(class_dir.name)
         files.extend((path, label) for path in images)
 
@@ -349,7 +373,7 @@ def _image_ext(path: Path) -> str:
     except Exception as e:  # PIL raises many types for corrupt files; all mean the same here.
         raise DistrainError(f"{path}: unreadable image ({_one_line(e)})") from None
     if fmt not in _PIL_FORMAT_EXT:
-        raise DistrainError(f"{path}: {fmt} image, only JPEG and PNG are supported")
+        raise DistrainError(f"{path}: {fmt} image, only JPEG, PNG and WebP are supported")
     return _PIL_FORMAT_EXT[fmt]
 
 

@@ -16,7 +16,7 @@ from distrain.data.shards import resolve_shards
 from distrain.data.stream import Augment, EvalResize, ShardStream, make_loader
 from distrain.errors import DistrainError
 from distrain.models import create_model
-from distrain.models.ghost_bn import convert_to_ghost_bn
+from distrain.models.init import init_weights
 from distrain.plan import BatchPlan
 
 
@@ -98,10 +98,10 @@ def loader(cfg: Config, stream: ShardStream) -> DataLoader:
 
 
 def build_model(cfg: Config, num_classes: int) -> nn.Module:
-    """The model for ``cfg`` (ghost BN, memory format) before Accelerate wraps (and compiles) it."""
-    model = create_model(cfg.model.name, num_classes, cfg.model.norm, cfg.model.zero_init_residual)
-    if cfg.model.ghost_batch_size:
-        convert_to_ghost_bn(model, cfg.model.ghost_batch_size)
+    """The model for ``cfg`` (norm layers, stochastic depth, dropout, init, memory format) before
+    Accelerate wraps (and compiles) it; pretrained weights are the objective's to load."""
+    model = create_model(cfg.model, num_classes)
+    init_weights(model, cfg.model.init, cfg.model.init_gain)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model

@@ -5,6 +5,16 @@ optimizer step, made every ``batch.accumulation`` micro-batches with gradients a
 ranks; every schedule (LR, logging, checkpoints) counts updates. The batch maths come from
 :mod:`distrain.plan` and nowhere else.
 
+A run is a chain of phases (:mod:`distrain.engine.phases`: the main schedule, then FixRes; or the
+recipe's ``phases``), each in its own run dir, each starting from the previous one's export. The
+split of work inside a phase:
+
+- this loop owns updates, accumulation, LR schedules, EMA, checkpoints, evaluation cadence,
+  early stopping, signals and faults;
+- the phase's objective (:mod:`distrain.engine.objective`) owns what is trained: it builds the
+  model, turns a micro-batch into augmented inputs and targets, computes the loss, sets the
+  training mode of frozen parts and evaluates.
+
 Faults end a run through exceptions that every rank raises at the same update (see
 :mod:`distrain.errors` for their exit codes): a preemption signal, too many bad samples, a
 non-finite gradient under the ``stop`` policy, or a lost peer.
@@ -18,33 +28,33 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import gather_object, set_seed
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from distrain.config import Config, dump, to_dict
 from distrain.data.device import ToDevice, prefetch_to_device
-from distrain.data.stream import PAD_LABEL
-from distrain.parallel import build_accelerator
-from distrain.parallel.deepspeed import fill_deepspeed_batch, input_dtype, is_partitioned, master_weights
-from distrain.parallel.rng import Owner, host_generator, micro_batch_seed, numpy_generator, seed_layers
-from distrain.parallel.setup import broadcast_from_main, replica_fingerprints, shutdown, sync_buffers
-from distrain.parallel.signals import StopSignals, agree, is_peer_failure, requeue_slurm_job
-from distrain.engine.build import build_model, eval_stream, loader, prepare_builtin, resolve_data, train_stream
-from distrain.engine.evaluate import evaluate
+from distrain.engine.build import eval_stream, loader, prepare_builtin, resolve_data, train_stream
+from distrain.engine.objective import Classification
+from distrain.engine.phases import Phase, chain, resume_point
 from distrain.engine.step import finish_update, micro_batch
 from distrain.errors import BadDataError, DistrainError, NonFiniteStop, PeerLost, Preempted, RunStopped
 from distrain.optim import create_optimizer, lr_at
+from distrain.parallel import build_accelerator
+from distrain.parallel.deepspeed import fill_deepspeed_batch, input_dtype, is_partitioned, master_weights
+from distrain.parallel.rng import Owner, micro_batch_seed, seed_layers
+from distrain.parallel.setup import broadcast_from_main, replica_fingerprints, shutdown, sync_buffers
+from distrain.parallel.signals import StopSignals, agree, is_peer_failure, requeue_slurm_job
 from distrain.plan import BatchPlan, make_plan
 from distrain.track.checkpoint import (
     TrainerState,
     best_checkpoint,
+    checkpoint_at,
     checkpoint_dirs,
     load_extra,
     load_trainer_state,
@@ -53,14 +63,13 @@ from distrain.track.checkpoint import (
     resume_differences,
     save_checkpoint,
 )
+from distrain.track.draws import DrawLog
 from distrain.track.lock import RunLock
 from distrain.track.metrics import MetricsLogger
 from distrain.track.progress import Progress
 from distrain.track.safeload import check_checkpoint, refusing_pickled_code
+from distrain.tricks.early_stopping import EarlyStopping
 from distrain.tricks.ema import EMA
-from distrain.tricks.erasing import apply_erasing, erasing_boxes
-from distrain.tricks.fixres import fixres_config, fixres_train_mode, freeze_for_fixres
-from distrain.tricks.mix import MixCut, MixDraw
 from distrain.tricks.progressive import train_size
 
 
@@ -87,22 +96,6 @@ def _start_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
     return run_dir
 
 
-@dataclass(frozen=True)
-class _Phase:
-    """A training phase: the main schedule, or the FixRes fine-tuning that follows it.
-
-    Attributes:
-        name: "" for the main phase, else the phase's name (its W&B key prefix and run subdir).
-        init_from: Weights to start from (the main run's export); the phase then trains only
-            what FixRes adapts.
-        step_offset: Updates done by earlier phases (W&B steps keep increasing across phases).
-    """
-
-    name: str = ""
-    init_from: Path | None = None
-    step_offset: int = 0
-
-
 def _injected_nan_updates(rank: int) -> set[int]:
     """Updates (1-based) whose loss this rank makes NaN: fault injection for tests and drills.
 
@@ -117,39 +110,35 @@ def _injected_nan_updates(rank: int) -> set[int]:
 
 
 def train(cfg: Config, resume: str | None = None, allow_config_change: bool = False) -> dict:
-    """Run the training described by ``cfg``; every rank calls this.
+    """Run the training described by ``cfg``, phase after phase; every rank calls this.
 
     Args:
         cfg: The validated config.
-        resume: ``"auto"`` (newest checkpoint of the run dir, if any) or a checkpoint path.
+        resume: ``"auto"`` (newest checkpoint of the run dir, if any) or a checkpoint path; the
+            chain continues in the phase that holds it.
         allow_config_change: Resume even if settings that decide the data, augmentation, loss or LR differ
             from the checkpoint's (see ``resume_differences``).
 
     Returns:
-        The final summary: run dir, updates, epochs, the last eval metrics.
+        The final phase's summary: run dir, updates, epochs, the last eval metrics.
 
     Raises:
         Preempted, NonFiniteStop, BadDataError, PeerLost: the run stopped early (see their exit codes).
     """
     accelerator = build_accelerator(cfg)
-    lock = RunLock(cfg.out_dir)  # one live run per run dir; the FixRes phase writes inside it, under this lock
+    lock = RunLock(cfg.out_dir)  # one live run per run dir; later phases write inside it, under this lock
     signals = StopSignals().install()
     summaries = []
     try:
         lock.acquire_for_run(accelerator)
-        fixres = fixres_config(cfg) if cfg.fixres.epochs else None
-        # A run resumed inside its FixRes phase, or after its main phase wrote its summary (the last
-        # thing a phase does), has finished and exported the main phase.
-        main_done = fixres and resume and (
-            checkpoint_dirs(fixres.out_dir) or (resume == "auto" and (cfg.out_dir / "summary.json").is_file()))
-        if not main_done:
-            summaries.append(_train(cfg, accelerator, signals, resume, allow_config_change, _Phase()))
-        if fixres:
-            main_updates = summaries[0]["updates"] if summaries else load_trainer_state(
-                checkpoint_dirs(cfg.out_dir)[-1]).update
-            accelerator.free_memory()  # drop the main phase's prepared model and optimizer
-            phase = _Phase("fixres", cfg.out_dir / "model.safetensors", main_updates)
-            summaries.append(_train(fixres, accelerator, signals, resume and "auto", allow_config_change, phase))
+        phases = chain(cfg)
+        first, step_offset = resume_point(phases, resume)
+        for i, phase in enumerate(phases[first:], first):
+            accelerator.free_memory()  # drop the previous phase's prepared model and optimizer
+            phase_resume = resume if i == first else resume and "auto"
+            summaries.append(_train(phase, accelerator, signals, phase_resume, allow_config_change, step_offset,
+                                    cfg.out_dir))
+            step_offset += summaries[-1]["updates"]
     except Exception as error:
         ending = error
         if not isinstance(error, RunStopped) and accelerator.num_processes > 1 and is_peer_failure(error):
@@ -179,9 +168,102 @@ def train(cfg: Config, resume: str | None = None, allow_config_change: bool = Fa
     return summaries[-1]
 
 
-def _train(
-    cfg: Config, accelerator: Accelerator, signals: StopSignals, resume: str | None, allow: bool, phase: _Phase
-) -> dict:
+class _Run:
+    """One phase's prepared model, optimizer and EMA with its position: what the loop does between
+    updates (synchronise, evaluate, checkpoint, export)."""
+
+    def __init__(self, cfg: Config, accelerator: Accelerator, model: nn.Module, optimizer, ema: EMA | None,
+                 state: TrainerState, objective: Classification, to_device: ToDevice, eval_loader):
+        self.cfg, self.accelerator, self.model, self.optimizer, self.ema = cfg, accelerator, model, optimizer, ema
+        self.unwrapped = accelerator.unwrap_model(model)
+        self.state, self.objective, self.to_device, self.eval_loader = state, objective, to_device, eval_loader
+        es = cfg.early_stopping
+        self.stopper = EarlyStopping.from_config(es)  # counts even without patience: restore_best needs its best
+        self.stopper.load_state_dict(state.early_stopping)
+        self.by_stopper = bool(es.patience or es.restore_best)
+
+    def best(self) -> Path | None:
+        """The best checkpoint: early stopping's best under ``early_stopping``, else by eval/top1."""
+        if not self.by_stopper:
+            return best_checkpoint(self.cfg.out_dir)
+        if self.stopper.best_update is None:
+            return None
+        path = checkpoint_at(self.cfg.out_dir, self.stopper.best_update)
+        return path if path.is_dir() else None
+
+    def sync_state(self) -> None:
+        """Rank 0's buffers become every rank's, for the raw and the EMA weights (see sync_buffers)."""
+        sync_buffers(self.model, self.accelerator)
+        if self.ema is not None:
+            broadcast_from_main(self.ema.buffers(), self.accelerator)
+
+    def save(self) -> Path:
+        self.sync_state()
+        extras = {}
+        if self.ema is not None:
+            self.state.ema_updates, extras["ema"] = self.ema.n_updates, self.ema.shadow
+        self.state.early_stopping = self.stopper.state_dict()
+        c = self.cfg.checkpoint
+        return save_checkpoint(self.accelerator, self.cfg.out_dir, self.state, c.keep_last, c.keep_best, extras,
+                               per_rank=is_partitioned(self.unwrapped),
+                               best_update=self.stopper.best_update if self.by_stopper else None)
+
+    def restore_best(self) -> Path | None:
+        """Load the best checkpoint's weights (and EMA) for the export (``early_stopping.restore_best``).
+
+        Returns:
+            The checkpoint, or None when the current weights are the best.
+        """
+        best = self.best()
+        if best is None or best == checkpoint_at(self.cfg.out_dir, self.state.update):
+            return None
+        _load_checkpoint(self.accelerator, best, "early_stopping.restore_best", self.ema,
+                         load_trainer_state(best).ema_updates, is_partitioned(self.unwrapped))
+        return best
+
+    def evaluate(self) -> dict[str, float]:
+        self.sync_state()
+        metrics = self.objective.evaluate(self.model, self.eval_loader, self.to_device, self.accelerator)
+        if self.ema is not None:
+            with self.ema.swapped(self.unwrapped):
+                averaged = self.objective.evaluate(self.model, self.eval_loader, self.to_device, self.accelerator)
+            for key in ("eval/top1", "eval/top5", "eval/loss"):
+                metrics[key.replace("eval/", "eval/ema_")] = averaged[key]
+        return metrics
+
+    def export(self) -> None:
+        """Write ``RUN_DIR/model.safetensors``: fp32 weights (EMA ones under ``ema.export``)."""
+        self.sync_state()
+        ema, unwrapped = self.ema if self.cfg.ema.export else None, self.unwrapped
+        # Whole weights on every rank's call (a gather under ZeRO-3); rank 0 writes them.
+        with ema.swapped(unwrapped) if ema is not None else contextlib.nullcontext():
+            # Copies, taken inside the block: DDP's state dict holds the live tensors that the swap
+            # restores. Under ZeRO-3 only rank 0 receives the gathered weights (others get None).
+            export = {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.cpu().clone()
+                      for k, v in (self.accelerator.get_state_dict(self.model) or {}).items()}
+        if ema is None:
+            # DeepSpeed 16-bit: the fp32 masters. Frozen parameters have none; they are still the
+            # fp32 values the phase started from.
+            masters = master_weights(self.accelerator, unwrapped)
+            if masters:
+                masters.update({n: v for n, v in self.objective.frozen_start.items() if n not in masters})
+            export.update(masters)
+        if self.accelerator.is_main_process:
+            # channels_last weights keep their strides through clone(); safetensors takes dense ones only.
+            save_file({k: v.contiguous() for k, v in export.items()}, self.cfg.out_dir / "model.safetensors")
+
+    def fingerprints(self) -> list[list[float]]:
+        """Weights and (synchronised) buffers, raw and EMA, of every rank: they must all agree."""
+        prints = replica_fingerprints(self.model, self.accelerator)
+        if self.ema is not None:
+            with self.ema.swapped(self.unwrapped):
+                prints = [a + b for a, b in zip(prints, replica_fingerprints(self.model, self.accelerator))]
+        return prints
+
+
+def _train(phase: Phase, accelerator: Accelerator, signals: StopSignals, resume: str | None, allow: bool,
+           step_offset: int, wandb_dir: Path) -> dict:
+    cfg = phase.cfg
     run_dir = _start_run_dir(cfg, accelerator)
     set_seed(cfg.seed, deterministic=cfg.deterministic)
     prepare_builtin(cfg, accelerator)
@@ -190,25 +272,15 @@ def _train(
     accelerator.gradient_accumulation_steps = plan.accumulation
     if accelerator.state.deepspeed_plugin is not None:
         fill_deepspeed_batch(cfg, accelerator, plan)
+    rank = accelerator.process_index
+    stream = train_stream(cfg, data, plan, accelerator)
+    objective = Classification(cfg, data.num_classes, plan, stream.batch_copies, fixres=phase.fixres)
 
-    model = build_model(cfg, data.num_classes)
-    adapted = None
-    if phase.init_from is not None:
-        model.load_state_dict(load_file(phase.init_from))
-        adapted = freeze_for_fixres(model, cfg.fixres.adapt)
-    optimizer = create_optimizer(model, cfg.optim, lr_at(0, plan, cfg.schedule))
+    model = objective.build_model()
+    optimizer = create_optimizer(model, cfg.optim, lr_at(0, plan, cfg.schedule), cfg.transfer)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
-
-    def train_mode() -> None:
-        if adapted is None:
-            model.train()
-        else:
-            fixres_train_mode(model, unwrapped, adapted)
-
     ema = EMA(unwrapped, cfg.ema.decay, cfg.ema.every, cfg.ema.warmup) if cfg.ema.decay else None
-    # Label -1 marks a training batch the stream could not fill with any readable sample.
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing, ignore_index=PAD_LABEL)
     to_device = ToDevice(cfg.data.mean, cfg.data.std, accelerator.device, cfg.model.channels_last,
                          input_dtype(accelerator))
 
@@ -218,77 +290,53 @@ def _train(
     if checkpoint is not None:
         state = _resume(accelerator, checkpoint, state, allow, ema, is_partitioned(unwrapped))
 
-    rank = accelerator.process_index
-    stream = train_stream(cfg, data, plan, accelerator)
-    mixcut = _mixcut(cfg, data.num_classes, plan, stream.batch_copies)
-    loss_fn = mixcut.loss if mixcut.enabled else criterion
-    draws = _DrawLog(run_dir, accelerator.process_index) if cfg.logging.draws else None
+    draws = DrawLog(run_dir, rank) if cfg.logging.draws else None
     eval_loader = None
     if data.eval is not None:
         eval_loader = loader(cfg, eval_stream(cfg, data.eval, rank, accelerator.num_processes, data.num_classes))
-    logger = MetricsLogger(accelerator, cfg, run_dir, phase.name and phase.name + "/", phase.step_offset)
+    run = _Run(cfg, accelerator, model, optimizer, ema, state, objective, to_device, eval_loader)
+    logger = MetricsLogger(accelerator, cfg, run_dir, phase.log_prefix, step_offset, wandb_dir)
     last_update = min(plan.total_updates, cfg.train.max_updates or plan.total_updates)
     progress = Progress(last_update, state.update, enabled=accelerator.is_main_process and cfg.logging.progress)
     if accelerator.is_main_process:
-        progress.write(_plan_line(plan, cfg, run_dir, checkpoint, phase.name))
+        progress.write(_plan_line(plan, cfg, run_dir, checkpoint, phase))
+        if objective.load_report is not None and checkpoint is None:
+            progress.write(f"distrain: {objective.load_report}")
 
     started = time.perf_counter()
     eval_metrics: dict[str, float] = {}
     evaluated_at = saved_at = -1
     window = _Window()
-    nan_updates = _injected_nan_updates(accelerator.process_index)
+    nan_updates = _injected_nan_updates(rank)
     check_nonfinite = accelerator.mixed_precision != "fp16"  # fp16's GradScaler skips inf steps itself
     new_bad: list[tuple[str, str, str]] = []  # this rank's bad samples since the last agreement
     consecutive_skips = 0
-
-    def sync_state() -> None:
-        # Rank 0's buffers are the run's, for the raw and the EMA weights alike (see sync_buffers).
-        sync_buffers(model, accelerator)
-        if ema is not None:
-            broadcast_from_main(ema.buffers(), accelerator)
-
-    def save() -> Path:
-        sync_state()
-        extras = {}
-        if ema is not None:
-            state.ema_updates, extras["ema"] = ema.n_updates, ema.shadow
-        return save_checkpoint(accelerator, run_dir, state, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best, extras,
-                               per_rank=is_partitioned(unwrapped))
-
-    def run_eval() -> dict[str, float]:
-        sync_state()
-        metrics = evaluate(model, eval_loader, to_device, accelerator)
-        if ema is not None:
-            with ema.swapped(unwrapped):
-                averaged = evaluate(model, eval_loader, to_device, accelerator)
-            for key in ("eval/top1", "eval/top5", "eval/loss"):
-                metrics[key.replace("eval/", "eval/ema_")] = averaged[key]
-        return metrics
-
     try:
-        while state.update < last_update:
-            train_mode()  # again after each eval, which leaves the model in eval mode
+        while state.update < last_update and not run.stopper.stopped:
             stream.set_position(state.epoch, state.batch_in_epoch)
             stream.set_size(train_size(cfg, state.epoch))
             for batch, images, targets in prefetch_to_device(loader(cfg, stream), to_device):
                 new_bad += batch["bad"]
                 micro = state.batch_in_epoch % plan.accumulation
+                at_epoch = state.update / plan.updates_per_epoch
+                if micro == 0:  # also undoes the eval mode an evaluation leaves
+                    objective.train_mode(model, unwrapped, at_epoch)
                 seed = functools.partial(micro_batch_seed, cfg.seed, rank, state.update, micro)  # (owner)
                 seed_layers(accelerator.device, seed(Owner.LAYERS))  # dropout, drop-path
-                images, targets, drawn = _augment_on_device(images, targets, cfg.data.random_erasing, mixcut, seed)
+                images, targets, drawn = objective.augment(images, targets, seed)
                 if draws is not None:
                     draws.write(state.update, micro, batch["key"], images, targets, drawn)
                 with accelerator.accumulate(model):
-                    loss, lr_set = micro_batch(accelerator, model, optimizer, loss_fn, images, targets,
+                    loss, lr_set = micro_batch(accelerator, model, optimizer, objective.loss, images, targets,
                                                lambda: lr_at(state.update, plan, cfg.schedule),
-                                               poison=state.update + 1 in nan_updates)
+                                               poison=state.update + 1 in nan_updates, epoch=at_epoch)
                     state.batch_in_epoch += 1
                     window.loss_sum += loss  # stays on the device: no host sync per step
                     window.micro_batches += 1
                     if accelerator.sync_gradients:
                         lr = lr_set
                         grad_norm, finite = finish_update(
-                            accelerator, model, optimizer, cfg.train.clip_grad_norm, check_nonfinite
+                            accelerator, model, optimizer, cfg.train.clip_grad_norm, check_nonfinite, at_epoch
                         )
                         consecutive_skips = 0 if finite else consecutive_skips
                 if not accelerator.sync_gradients:
@@ -299,9 +347,9 @@ def _train(
                     if cfg.train.nonfinite == "stop" or consecutive_skips > cfg.train.max_consecutive_skips:
                         # The parameters are those before this update: save them with the position rewound.
                         state.batch_in_epoch -= plan.accumulation
-                        path = save()
+                        path = run.save()
                         raise NonFiniteStop(
-                            f"rank {accelerator.process_index}: non-finite gradient norm at update {state.update + 1} "
+                            f"rank {rank}: non-finite gradient norm at update {state.update + 1} "
                             f"({consecutive_skips} in a row); checkpoint of the last good state: {path}"
                         )
                     state.skipped_updates += 1
@@ -327,58 +375,41 @@ def _train(
                 else:
                     progress.update()
                 if stop:
-                    _preempt(cfg, accelerator, state, signals, save, progress)
+                    _preempt(cfg, accelerator, state, signals, run.save, progress)
                 if state.update >= last_update:
                     break
 
             if state.batch_in_epoch == plan.micro_batches_per_epoch:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                 if eval_loader is not None and state.epoch % cfg.eval.every_epochs == 0:
-                    eval_metrics = state.eval = run_eval()
+                    eval_metrics = state.eval = run.evaluate()
                     logger.log(state.update, state.epoch, eval_metrics)
                     progress.write(_eval_line(state, eval_metrics))
                     evaluated_at = state.update
-                if state.epoch % cfg.checkpoint.every_epochs == 0:
-                    save()
+                    if run.stopper.update(eval_metrics, epoch=state.epoch, update=state.update):
+                        progress.write(f"distrain: {run.stopper.reason}")
+                if state.epoch % cfg.checkpoint.every_epochs == 0 or run.stopper.stopped:
+                    run.save()
                     saved_at = state.update
                 window.reset()
 
         if eval_loader is not None and evaluated_at != state.update:
-            eval_metrics = state.eval = run_eval()
+            eval_metrics = state.eval = run.evaluate()
             logger.log(state.update, state.epoch, eval_metrics)
         if saved_at != state.update:
-            save()
-        sync_state()
-        # Whole weights on every rank's call (a gather under ZeRO-3); rank 0 writes them.
-        with ema.swapped(unwrapped) if ema is not None and cfg.ema.export else contextlib.nullcontext():
-            # Copies, taken inside the block: DDP's state dict holds the live tensors that the swap
-            # restores. Under ZeRO-3 only rank 0 receives the gathered weights (others get None).
-            export = {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.cpu().clone()
-                      for k, v in (accelerator.get_state_dict(model) or {}).items()}
-        if ema is None or not cfg.ema.export:
-            # DeepSpeed 16-bit: the fp32 masters. Frozen parameters (FixRes) have none; they are still
-            # the fp32 values the phase started from.
-            masters = master_weights(accelerator, unwrapped)
-            if masters and phase.init_from is not None:
-                start = load_file(phase.init_from)
-                masters.update({n: start[n] for n, p in unwrapped.named_parameters() if n not in masters})
-            export.update(masters)
-        if accelerator.is_main_process:
-            # channels_last weights keep their strides through clone(); safetensors takes dense ones only.
-            save_file({k: v.contiguous() for k, v in export.items()}, run_dir / "model.safetensors")
-        del export
-        # Weights and (synchronised) buffers, raw and EMA: every rank must hold the same run state.
-        fingerprints = replica_fingerprints(model, accelerator)
-        if ema is not None:
-            with ema.swapped(unwrapped):
-                fingerprints = [a + b for a, b in zip(fingerprints, replica_fingerprints(model, accelerator))]
+            run.save()
+        restored = run.restore_best() if cfg.early_stopping.restore_best else None
+        if restored is not None and accelerator.is_main_process:
+            progress.write(f"distrain: exporting the best weights, from {restored}")
+        run.export()
+        fingerprints = run.fingerprints()
     finally:
         progress.close()
         if draws is not None:
             draws.close()
 
     summary = {
-        "phase": phase.name or "main",
+        "phase": phase.name,
         "run_dir": str(run_dir),
         "updates": state.update,
         "epoch": state.epoch,
@@ -388,7 +419,9 @@ def _train(
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
         "data/skipped": state.bad_samples,
         "train/skipped_updates": state.skipped_updates,
-        "best_checkpoint": str(best_checkpoint(run_dir) or ""),
+        "best_checkpoint": str(run.best() or ""),
+        "stopped_early": run.stopper.reason,
+        "exported": str(restored or "last"),
         "replica_fingerprints": fingerprints,
         **eval_metrics,
     }
@@ -414,100 +447,39 @@ def _resume(
             f"--resume {checkpoint}: settings differ from the checkpoint's ({'; '.join(diffs)}); "
             "pass --allow-config-change to resume anyway (not an exact continuation)"
         )
-    # Every rank learns of a file with pickled code before any rank waits in the load's collectives.
-    check_checkpoint(checkpoint, "--resume", accelerator.process_index, accelerator.num_processes)
-    try:
-        with refusing_pickled_code("--resume"):
-            accelerator.load_state(str(checkpoint))
-    except (RuntimeError, OSError, KeyError) as error:
-        # A truncated or foreign file, or another model's state (pickled code is a DistrainError).
-        why = str(error).splitlines()[0][:200]
-        raise DistrainError(f"--resume {checkpoint}: cannot load checkpoint ({why})") from None
-    if ema is not None:
-        rank = accelerator.process_index if partitioned else None  # ZeRO-3: each rank's own slice
-        shadow = load_extra(checkpoint, "ema", accelerator.device, rank)
-        ema.load_state_dict({"shadow": shadow, "n_updates": saved.ema_updates})
+    _load_checkpoint(accelerator, checkpoint, "--resume", ema, saved.ema_updates, partitioned)
     if any(d.startswith("plan ") for d in diffs):  # another batch plan: the position counts other batches
         saved.batch_in_epoch = rescale_position(saved, fresh.plan)
     saved.config, saved.plan = fresh.config, fresh.plan
     return saved
 
 
+def _load_checkpoint(accelerator: Accelerator, checkpoint: Path, what: str, ema: EMA | None, ema_updates: int,
+                     partitioned: bool) -> None:
+    """Load a checkpoint's model, optimizer and RNG states (and EMA) on every rank, safely.
+
+    Raises:
+        DistrainError: naming ``what``: pickled code, or a truncated, foreign or mismatched file.
+    """
+    # Every rank learns of a file with pickled code before any rank waits in the load's collectives.
+    check_checkpoint(checkpoint, what, accelerator.process_index, accelerator.num_processes)
+    try:
+        with refusing_pickled_code(what):
+            accelerator.load_state(str(checkpoint))
+    except (RuntimeError, OSError, KeyError) as error:
+        # A truncated or foreign file, or another model's state (pickled code is a DistrainError).
+        why = str(error).splitlines()[0][:200]
+        raise DistrainError(f"{what} {checkpoint}: cannot load checkpoint ({why})") from None
+    if ema is not None:
+        rank = accelerator.process_index if partitioned else None  # ZeRO-3: each rank's own slice
+        shadow = load_extra(checkpoint, "ema", accelerator.device, rank)
+        ema.load_state_dict({"shadow": shadow, "n_updates": ema_updates})
+
+
 def _with_resolved_precision(config: dict, accelerator: Accelerator) -> dict:
     """``config`` with ``train.precision`` as this run resolved it (bf16/fp16/fp32, never "auto")."""
     resolved = {"no": "fp32"}.get(accelerator.mixed_precision, accelerator.mixed_precision)
     return {**config, "train": {**config["train"], "precision": resolved}}
-
-
-def _mixcut(cfg: Config, num_classes: int, plan: BatchPlan, copies: int) -> MixCut:
-    """The run's MixUp/CutMix, pairing each image with a partner that is not one of its own copies.
-
-    Raises:
-        DistrainError: mixing is on but every micro-batch holds copies of a single sample.
-    """
-    m = cfg.mix
-    mixcut = MixCut(num_classes, m.mixup_alpha, m.cutmix_alpha, m.prob, m.switch_prob, cfg.train.label_smoothing,
-                    partner_shift=copies)
-    if mixcut.enabled and plan.per_device <= copies:
-        raise DistrainError(
-            f"mix: each micro-batch of {plan.per_device} holds {copies} copies of one sample (data.repeats on "
-            f"{plan.world_size} rank(s)), so every image would be mixed with its own copy; raise batch.per_device"
-        )
-    return mixcut
-
-
-def _augment_on_device(
-    images: torch.Tensor, labels: torch.Tensor, erasing: float, mixcut: MixCut, seed
-) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Random erasing, then MixUp/CutMix, with this rank's draws for this micro-batch.
-
-    Args:
-        seed: ``seed(owner)`` gives the micro-batch seed of each owner (see :mod:`distrain.parallel.rng`).
-
-    Returns:
-        (images, targets: int labels or soft targets when mixing is on, what was drawn).
-    """
-    drawn: dict = {}
-    if erasing:
-        boxes = erasing_boxes(images.shape[0], *images.shape[-2:], erasing, host_generator(seed(Owner.ERASE)))
-        images = apply_erasing(images, boxes)
-        drawn["erased"] = [k for k, box in enumerate(boxes) if box is not None]
-    if mixcut.enabled:
-        images, labels, mix = mixcut(images, labels, numpy_generator(seed(Owner.MIX)))
-        drawn["mix"] = mix
-    return images, labels, drawn
-
-
-class _DrawLog:
-    """``logging.draws``: each micro-batch's device-side draws, per rank, in ``RUN_DIR/draws/rank<R>.jsonl``.
-
-    An audit trail for what the README promises: ranks draw differently, and a resumed run draws
-    what the uninterrupted one would (the sums identify the exact augmented tensors). The sums
-    cost two host synchronisations per micro-batch on a GPU: an audit switch, not for long runs.
-    """
-
-    def __init__(self, run_dir: Path, rank: int):
-        (run_dir / "draws").mkdir(parents=True, exist_ok=True)
-        self._file = open(run_dir / "draws" / f"rank{rank}.jsonl", "a")  # noqa: SIM115 (open for the run)
-
-    def write(self, update: int, micro: int, keys: list[str], images: torch.Tensor, targets: torch.Tensor,
-              drawn: dict) -> None:
-        mix: MixDraw | None = drawn.get("mix")
-        record = {
-            "update": update, "micro": micro, "keys": keys, "erased": drawn.get("erased"),
-            "mix": None if mix is None else {"kind": mix.kind, "lam": mix.lam, "box": mix.box},
-            "images_sum": _checksum(images), "targets_sum": _checksum(targets),
-        }
-        self._file.write(json.dumps(record) + "\n")
-
-    def close(self) -> None:
-        self._file.close()
-
-
-def _checksum(t: torch.Tensor) -> float:
-    """A position-weighted float64 sum: equal for equal tensors, different for permuted ones."""
-    flat = t.detach().double().flatten()
-    return (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)).sum().item()
 
 
 def _check_bad_data(
@@ -567,9 +539,9 @@ def _train_metrics(
     }
 
 
-def _plan_line(plan: BatchPlan, cfg: Config, run_dir: Path, checkpoint: Path | None, phase: str) -> str:
+def _plan_line(plan: BatchPlan, cfg: Config, run_dir: Path, checkpoint: Path | None, phase: Phase) -> str:
     start = f"resuming from {checkpoint}" if checkpoint else "starting"
-    start += f" the {phase} phase" if phase else ""
+    start += f" the {phase.name} phase" if phase.name != "main" else ""
     ds = AcceleratorState().deepspeed_plugin
     backend = f"DeepSpeed ZeRO-{ds.zero_stage}" if ds is not None else "DDP"
     return (
@@ -591,7 +563,8 @@ def _summary_line(s: dict) -> str:
     top1 = f"eval top-1 {s['eval/top1']:.2f}% on {s['eval/samples']} samples" if "eval/top1" in s else "no eval set"
     skipped = f"; {s['data/skipped']} bad samples skipped" if s["data/skipped"] else ""
     phase = "" if s["phase"] == "main" else f" {s['phase']} phase"
+    stopped = f"; {s['stopped_early']}" if s["stopped_early"] else ""
     return (
-        f"distrain: done{phase}: {s['updates']} updates, {s['epoch']} epochs in {s['seconds']:.0f}s; {top1}{skipped}; "
-        f"run dir {s['run_dir']}"
+        f"distrain: done{phase}: {s['updates']} updates, {s['epoch']} epochs in {s['seconds']:.0f}s; {top1}{skipped}"
+        f"{stopped}; run dir {s['run_dir']}"
     )

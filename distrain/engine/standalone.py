@@ -11,12 +11,12 @@ from safetensors.torch import load_file, save_file
 
 from distrain.config import Config, apply_overrides, from_dict
 from distrain.data.device import ToDevice
-from distrain.parallel import build_accelerator
-from distrain.parallel.deepspeed import consolidated_state_dict
-from distrain.parallel.setup import shutdown
 from distrain.engine.build import build_model, eval_stream, loader, resolve_data
 from distrain.engine.evaluate import evaluate, sample_hits
 from distrain.errors import DistrainError
+from distrain.parallel import build_accelerator
+from distrain.parallel.deepspeed import consolidated_state_dict
+from distrain.parallel.setup import shutdown
 from distrain.track.checkpoint import load_trainer_state, resolve_resume
 from distrain.track.progress import Progress
 from distrain.tricks.resize_sweep import SweepResult, default_resizes, pick_resize

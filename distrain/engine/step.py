@@ -14,38 +14,44 @@ from accelerate.utils import DistributedType
 from torch import nn
 
 from distrain.errors import NonFiniteStop
+from distrain.tricks.transfer import drop_frozen_grads, group_lr
 
 
 def micro_batch(
     accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable,
     images: torch.Tensor, targets: torch.Tensor, next_lr: Callable[[], float], poison: bool = False,
+    epoch: float = 0.0,
 ) -> tuple[torch.Tensor, float | None]:
     """Forward, loss and backward of one micro-batch; call it inside ``accelerator.accumulate(model)``.
+
+    ``loss_fn(model, images, targets)`` is the phase objective's loss.
 
     On the last micro-batch of an update it first sets that update's LR (``next_lr()``), because
     DeepSpeed steps inside ``backward``.
 
     Args:
         poison: Make the loss NaN (fault drills and tests).
+        epoch: Where the update is, in epochs: each parameter group's LR is the scheduled one times
+            its layer-decay scale, or 0 while it is frozen (:func:`~distrain.tricks.transfer.group_lr`).
 
     Returns:
-        The loss (detached, still on the device: no host sync) and the LR it set, or None.
+        The loss (detached, still on the device: no host sync) and the scheduled LR it set, or None.
     """
-    loss = loss_fn(model(images), targets)
+    loss = loss_fn(model, images, targets)
     if poison:
         loss = loss * float("nan")
     lr = None
     if accelerator.sync_gradients:
         lr = next_lr()
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = group_lr(group, lr, epoch)
     accelerator.backward(loss)
     return loss.detach(), lr
 
 
 def finish_update(
     accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float | None,
-    check_finite: bool,
+    check_finite: bool, epoch: float = 0.0,
 ) -> tuple[torch.Tensor, bool]:
     """Clip, measure and apply the update whose gradients are complete; return (grad norm, applied).
 
@@ -71,6 +77,7 @@ def finish_update(
                 "update before its norm is known; continue from the newest checkpoint with --resume auto"
             )
         return norm, True
+    drop_frozen_grads(optimizer, epoch)  # frozen blocks: no step, no momentum, not in the norm
     if max_norm:
         norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
     else:

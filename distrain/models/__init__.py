@@ -1,5 +1,7 @@
-"""Model factory."""
+"""Model factory, config check and summary; norm layers; stochastic depth."""
 
-from distrain.models.factory import create_model, model_names
+from distrain.models.factory import check_model, check_model_name, create_model, model_names, model_summary
+from distrain.models.norms import NORM_LAYERS, check_norm_runtime
 
-__all__ = ["create_model", "model_names"]
+__all__ = ["NORM_LAYERS", "check_model", "check_model_name", "check_norm_runtime", "create_model", "model_names",
+           "model_summary"]

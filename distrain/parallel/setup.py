@@ -14,8 +14,8 @@ from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
 from distrain.config import Config
-from distrain.parallel.deepspeed import deepspeed_config, gathered, uses_deepspeed
 from distrain.errors import DistrainError
+from distrain.parallel.deepspeed import deepspeed_config, gathered, uses_deepspeed
 
 
 def rank_gpu() -> torch.device | None:

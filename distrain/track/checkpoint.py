@@ -55,6 +55,8 @@ class TrainerState:
         skipped_updates: Updates skipped for a non-finite loss or gradient norm.
         eval: The eval metrics at this point, if an evaluation ran at it.
         ema_updates: EMA updates made (the EMA weights are ``ema.safetensors``).
+        early_stopping: The early-stopping counters (best value, evaluations since), so that a
+            resumed run does not restart its patience.
         config: The resolved config the run was started with.
         plan: The batch plan the run was started with.
     """
@@ -67,6 +69,7 @@ class TrainerState:
     skipped_updates: int = 0
     eval: dict = field(default_factory=dict)
     ema_updates: int = 0
+    early_stopping: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     plan: dict = field(default_factory=dict)
 
@@ -109,6 +112,11 @@ def best_checkpoint(run_dir: str | Path, metric: str = "eval/top1") -> Path | No
     return max(scored)[2] if scored else None
 
 
+def checkpoint_at(run_dir: str | Path, update: int) -> Path:
+    """Where the checkpoint taken after ``update`` updates is (or would be)."""
+    return Path(run_dir) / "checkpoints" / f"update-{update:08d}"
+
+
 def save_checkpoint(
     accelerator: Accelerator,
     run_dir: Path,
@@ -117,10 +125,12 @@ def save_checkpoint(
     keep_best: bool,
     extras: dict[str, dict[str, torch.Tensor]] | None = None,
     per_rank: bool = False,
+    best_update: int | None = None,
 ) -> Path:
     """Save the full training state; every rank must call this at the same point.
 
-    Keeps the newest ``keep_last`` checkpoints, plus the best by ``eval/top1`` if ``keep_best``.
+    Keeps the newest ``keep_last`` checkpoints, plus the best if ``keep_best``: the one taken at
+    ``best_update`` (early stopping's best), or without it the best by ``eval/top1``.
     ``extras`` are further tensor sets (e.g. the EMA weights), written by rank 0 as
     ``<name>.safetensors`` when they are replicated, or by every rank as
     ``<name>-rank<R>.safetensors`` when ``per_rank`` (each rank's ZeRO-3 slice); their counters
@@ -130,7 +140,7 @@ def save_checkpoint(
         The checkpoint directory.
     """
     root = run_dir / "checkpoints"
-    final = root / f"update-{state.update:08d}"
+    final = checkpoint_at(run_dir, state.update)
     tmp = root / (final.name + ".tmp")
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
@@ -149,7 +159,9 @@ def save_checkpoint(
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        best = best_checkpoint(run_dir) if keep_best else None
+        best = None
+        if keep_best:
+            best = best_checkpoint(run_dir) if best_update is None else checkpoint_at(run_dir, best_update)
         for old in checkpoint_dirs(run_dir)[:-keep_last]:
             if old != best:
                 shutil.rmtree(old, ignore_errors=True)

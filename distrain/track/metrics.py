@@ -26,10 +26,13 @@ class MetricsLogger:
         wandb_prefix: Prepended to W&B keys: a later phase (FixRes) logs into the W&B run that
             the main phase opened, under its own keys.
         step_offset: Added to W&B steps, which must keep increasing across phases.
+        wandb_dir: Where the W&B run (and its id) lives: the top run dir, shared by all phases, so
+            a run resumed in a later phase continues the same W&B run. None: ``run_dir``.
     """
 
     def __init__(
-        self, accelerator: Accelerator, cfg: Config, run_dir: Path, wandb_prefix: str = "", step_offset: int = 0
+        self, accelerator: Accelerator, cfg: Config, run_dir: Path, wandb_prefix: str = "", step_offset: int = 0,
+        wandb_dir: Path | None = None,
     ):
         self.accelerator = accelerator
         self.is_main = accelerator.is_main_process
@@ -37,10 +40,11 @@ class MetricsLogger:
         self.prefix, self.offset = wandb_prefix, step_offset
         # Rank 0 alone owns the W&B run (and its id file: other ranks must not race on it).
         if cfg.logging.wandb and self.is_main and not accelerator.trackers:
+            wandb_dir = wandb_dir or run_dir
             accelerator.init_trackers(
                 cfg.logging.project,
                 config=to_dict(cfg),
-                init_kwargs={"wandb": {"dir": str(run_dir), "name": cfg.name, "id": _wandb_run_id(run_dir),
+                init_kwargs={"wandb": {"dir": str(wandb_dir), "name": cfg.name, "id": _wandb_run_id(wandb_dir),
                                        "resume": "allow"}},
             )
 

@@ -12,25 +12,28 @@ from __future__ import annotations
 from torch import nn
 
 from distrain.config import Config, from_dict, to_dict
-from distrain.errors import DistrainError
-
-NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+from distrain.models.norms import NORM_LAYERS
+from distrain.tricks.transfer import classifier_modules, freeze_all_but
 
 
 def fixres_config(cfg: Config) -> Config:
     """The config of the FixRes phase of ``cfg``: its own run dir, LR and epochs, test-time crops.
 
-    Per-sample and per-batch augmentation, repeated augmentation, progressive resizing and EMA
-    are off; the batch, optimizer and label smoothing are the main run's.
+    It starts from the exported weights of ``cfg``'s run. Per-sample and per-batch augmentation,
+    repeated augmentation, progressive resizing, EMA, transfer settings and early stopping are off;
+    the batch, optimizer and label smoothing are the main run's.
     """
     d = to_dict(cfg)
     d["run_dir"] = str(cfg.out_dir / "fixres")
+    d["model"].update(pretrained=str(cfg.out_dir), pretrained_ignore=[], reset_classifier=False)
+    d["transfer"]["mode"] = "full"
+    d["early_stopping"]["patience"] = 0
     d["data"].update(train_crop=cfg.data.eval_crop, train_resize=cfg.data.eval_resize, policy="none",
                      random_erasing=0.0, repeats=1)
     d["mix"].update(mixup_alpha=0.0, cutmix_alpha=0.0)
     d["ema"].update(decay=0.0, export=False)
     d["progressive"]["start_size"] = 0
-    d["optim"]["lr"] = cfg.fixres.lr
+    d["optim"].update(lr=cfg.fixres.lr, layer_decay=1.0, head_lr_scale=1.0)
     d["schedule"].update(epochs=cfg.fixres.epochs, warmup_epochs=0.0, warmup_updates=0, warmup_start_lr=None,
                          decay="cosine", final_lr_factor=0.0)
     d["train"]["max_updates"] = 0
@@ -38,7 +41,7 @@ def fixres_config(cfg: Config) -> Config:
 
 
 def freeze_for_fixres(model: nn.Module, adapt: str) -> list[nn.Module]:
-    """Freeze every parameter except the classifier's (the last ``nn.Linear``) and the adapted norm layers'.
+    """Freeze every parameter except the classifier's and the adapted norm layers' (before wrapping).
 
     Args:
         model: The unwrapped model.
@@ -47,32 +50,12 @@ def freeze_for_fixres(model: nn.Module, adapt: str) -> list[nn.Module]:
             frozen (the official FixRes code); ``"all"``: every norm layer.
 
     Returns:
-        The adapted norm layers, which alone stay in training mode (see :func:`fixres_train_mode`).
+        The adapted norm layers, which alone stay in training mode (see :func:`distrain.tricks.transfer.train_only`).
 
     Raises:
-        DistrainError: the model has no ``nn.Linear`` classifier.
+        DistrainError: the model has no classifier that can be told.
     """
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise DistrainError(f"fixres.epochs: {type(model).__name__} has no nn.Linear classifier to fine-tune")
-    norms = [m for m in model.modules() if isinstance(m, NORMS)]
+    norms = [m for m in model.modules() if isinstance(m, NORM_LAYERS)]
     adapted = norms if adapt == "all" else norms[-1:]
-    model.requires_grad_(False)
-    for module in [linears[-1], *(adapted if adapt != "stats" else [])]:
-        module.requires_grad_(True)
+    freeze_all_but(model, [*classifier_modules(model), *(adapted if adapt != "stats" else [])])
     return adapted
-
-
-def fixres_train_mode(wrapper: nn.Module, model: nn.Module, adapted: list[nn.Module]) -> None:
-    """Training mode for the FixRes phase: the adapted norm layers train, all other layers (and
-    their BN statistics, dropout, stochastic depth) behave as at test time.
-
-    Args:
-        wrapper: The prepared (e.g. DDP-wrapped) model, which stays in training mode.
-        model: The unwrapped model inside it.
-        adapted: What :func:`freeze_for_fixres` returned.
-    """
-    wrapper.train()
-    keep = {id(m) for m in adapted}
-    for module in model.modules():  # not .eval(): it recurses, and would reach the adapted layers
-        module.training = id(module) in keep

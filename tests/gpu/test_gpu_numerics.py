@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from gpu_helpers import NEEDS_GPU
 
 from distrain.config import from_dict
-from distrain.parallel.setup import has_native_bf16
 from distrain.engine.build import build_model
+from distrain.parallel.setup import has_native_bf16
 
 pytestmark = NEEDS_GPU
 

@@ -1,0 +1,135 @@
+"""What a phase trains: its model, what a micro-batch becomes on the device, its loss, its training
+mode and its evaluation.
+
+The loop (:mod:`distrain.engine.loop`) owns updates, accumulation, schedules, checkpoints and
+signals; it calls the phase's objective at these points:
+
+- ``build_model()``: once, before wrapping: the unwrapped model, weights loaded and what must not
+  train frozen;
+- ``train_mode(wrapper, model, epoch)``: before each update (``epoch`` fractional: frozen blocks
+  unfreeze at their epoch);
+- ``augment(images, targets, seed)``: each micro-batch's device-side augmentation, drawn from the
+  rank's per-micro-batch seeds (see :mod:`distrain.parallel.rng`);
+- ``loss(model, images, targets)``: the micro-batch's loss;
+- ``evaluate(model, loader, to_device, accelerator)``: eval metrics, each sample counted once.
+
+:class:`Classification` is supervised training on labels (the main phase, fine-tuning, linear
+probes, FixRes); later objectives (distillation, self-supervised) implement the same points.
+"""
+
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from distrain.config import Config
+from distrain.data.device import ToDevice
+from distrain.data.stream import PAD_LABEL
+from distrain.engine.build import build_model
+from distrain.engine.evaluate import evaluate
+from distrain.errors import DistrainError
+from distrain.models.pretrained import LoadReport, load_pretrained
+from distrain.parallel.rng import Owner, host_generator, numpy_generator
+from distrain.plan import BatchPlan
+from distrain.tricks.erasing import apply_erasing, erasing_boxes
+from distrain.tricks.fixres import freeze_for_fixres
+from distrain.tricks.mix import MixCut
+from distrain.tricks.transfer import freeze_for_linear_probe, gradual_train_mode, train_only, unfreeze_epochs
+
+
+class Classification:
+    """Supervised classification: cross-entropy on labels (label smoothing, MixUp/CutMix targets).
+
+    Args:
+        cfg: The phase's config.
+        num_classes: Classes of the data set (the classifier's outputs).
+        plan: The phase's batch plan.
+        batch_copies: Adjacent copies of each sample in a micro-batch (repeated augmentation).
+        fixres: This is a FixRes phase: only the classifier and the adapted norm layers train.
+    """
+
+    def __init__(self, cfg: Config, num_classes: int, plan: BatchPlan, batch_copies: int, fixres: bool = False):
+        self.cfg, self.num_classes, self.fixres = cfg, num_classes, fixres
+        self.mixcut = _mixcut(cfg, num_classes, plan, batch_copies)
+        # Label -1 marks a training batch the stream could not fill with any readable sample.
+        self._loss = self.mixcut.loss if self.mixcut.enabled else nn.CrossEntropyLoss(
+            label_smoothing=cfg.train.label_smoothing, ignore_index=PAD_LABEL)
+        self._training: list[nn.Module] | None = None  # only these train (FixRes, linear probe); None: all
+        self._unfreeze: dict[nn.Module, float] | None = None  # gradual unfreezing: module -> epoch
+        self.load_report: LoadReport | None = None
+        self.frozen_start: dict[str, torch.Tensor] = {}
+        """The fp32 values of the frozen parameters: what the export writes for them (DeepSpeed
+        16-bit keeps no fp32 master of a parameter that does not train)."""
+
+    def build_model(self) -> nn.Module:
+        """The model with its init, its pretrained weights (``model.pretrained``) and its frozen parts."""
+        m = self.cfg.model
+        model = build_model(self.cfg, self.num_classes)
+        if m.pretrained:
+            self.load_report = load_pretrained(model, m.pretrained, m.pretrained_ignore, m.reset_classifier)
+        if self.fixres:
+            self._training = freeze_for_fixres(model, self.cfg.fixres.adapt)
+        elif self.cfg.transfer.mode == "linear_probe":
+            self._training = freeze_for_linear_probe(model)
+        elif self.cfg.transfer.mode == "gradual":
+            self._unfreeze = unfreeze_epochs(model, self.cfg.transfer.unfreeze_every)
+        self.frozen_start = {n: p.detach().float().clone() for n, p in model.named_parameters() if not p.requires_grad}
+        return model
+
+    def train_mode(self, wrapper: nn.Module, model: nn.Module, epoch: float) -> None:
+        """Training mode, except for frozen layers, whose BN statistics, dropout and drop-path act
+        as at test time.
+
+        Args:
+            wrapper: The prepared (DDP, DeepSpeed) model; ``model``: the module inside it.
+            epoch: Where the coming update is, in epochs (gradual unfreezing).
+        """
+        if self._training is not None:
+            train_only(wrapper, model, self._training)
+        elif self._unfreeze is not None:
+            gradual_train_mode(wrapper, self._unfreeze, epoch)
+        else:
+            wrapper.train()
+
+    def augment(self, images: torch.Tensor, targets: torch.Tensor, seed) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Random erasing, then MixUp/CutMix, with this rank's draws for this micro-batch.
+
+        Args:
+            seed: ``seed(owner)`` gives the micro-batch seed of each owner (see :mod:`distrain.parallel.rng`).
+
+        Returns:
+            (images, targets: int labels or soft targets when mixing is on, what was drawn).
+        """
+        drawn: dict = {}
+        erasing = self.cfg.data.random_erasing
+        if erasing:
+            boxes = erasing_boxes(images.shape[0], *images.shape[-2:], erasing, host_generator(seed(Owner.ERASE)))
+            images = apply_erasing(images, boxes)
+            drawn["erased"] = [k for k, box in enumerate(boxes) if box is not None]
+        if self.mixcut.enabled:
+            images, targets, drawn["mix"] = self.mixcut(images, targets, numpy_generator(seed(Owner.MIX)))
+        return images, targets, drawn
+
+    def loss(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self._loss(model(images), targets)
+
+    def evaluate(self, model: nn.Module, loader, to_device: ToDevice, accelerator: Accelerator) -> dict[str, float]:
+        return evaluate(model, loader, to_device, accelerator)
+
+
+def _mixcut(cfg: Config, num_classes: int, plan: BatchPlan, copies: int) -> MixCut:
+    """The run's MixUp/CutMix, pairing each image with a partner that is not one of its own copies.
+
+    Raises:
+        DistrainError: mixing is on but every micro-batch holds copies of a single sample.
+    """
+    m = cfg.mix
+    mixcut = MixCut(num_classes, m.mixup_alpha, m.cutmix_alpha, m.prob, m.switch_prob, cfg.train.label_smoothing,
+                    partner_shift=copies)
+    if mixcut.enabled and plan.per_device <= copies:
+        raise DistrainError(
+            f"mix: each micro-batch of {plan.per_device} holds {copies} copies of one sample (data.repeats on "
+            f"{plan.world_size} rank(s)), so every image would be mixed with its own copy; raise batch.per_device"
+        )
+    return mixcut
