@@ -149,19 +149,35 @@ def _format_eval(m: dict) -> str:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from distrain.config import load_config
+    from distrain.config import load_config, phase_configs
     from distrain.plan import make_plan
 
     cfg = load_config(args.config, args.overrides)
-    samples = cfg.data.train_samples or _indexed_train_samples(cfg)
-    plan = make_plan(cfg, args.nodes * args.gpus_per_node, samples)
-    if args.png:
-        from distrain.track.schedule_plot import plot_schedules
-
-        drawn = plot_schedules(cfg, plan, args.png)
+    phases = phase_configs(cfg) or [cfg]
+    world = args.nodes * args.gpus_per_node
+    plans = [make_plan(c, world, c.data.train_samples or _indexed_train_samples(c)) for c in phases]
     if args.json:
-        print(json.dumps(plan.as_dict(), indent=1))
+        doc = plans[0].as_dict() if not cfg.phases else {c.out_dir.name: p.as_dict() for c, p in zip(phases, plans)}
+        print(json.dumps(doc, indent=1))
         return 0
+    for i, (phase_cfg, plan) in enumerate(zip(phases, plans)):
+        if cfg.phases:
+            print(("\n" if i else "") + f"phase {i + 1}/{len(phases)}: {phase_cfg.out_dir.name}")
+        rows = _plan_rows(phase_cfg, plan, args)
+        if args.png and i == len(phases) - 1:
+            from distrain.track.schedule_plot import plot_schedules
+
+            rows.append(("schedules PNG", plot_schedules(phase_cfg, plan, args.png)))
+        width = max(len(k) for k, _ in rows)
+        for k, v in rows:
+            print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def _plan_rows(cfg, plan, args: argparse.Namespace) -> list[tuple[str, object]]:
+    """The rows ``distrain plan`` prints for one phase."""
+    from distrain.plan import make_plan
+
     rows = [
         ("processes", f"{args.nodes} node(s) x {args.gpus_per_node} = {plan.world_size}"),
         *([("target global batch", cfg.batch.global_batch)] if cfg.batch.global_batch else []),
@@ -191,31 +207,29 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if cfg.ema.decay:
         horizon = 1 / (1 - cfg.ema.decay)
         rows.append(("EMA", f"decay {cfg.ema.decay:g} per update, every {cfg.ema.every} update(s): horizon ~{horizon:.0f} updates"))
+    if cfg.model.pretrained:
+        rows.append(("starts from", cfg.model.pretrained + (" (classifier re-initialised)" if cfg.model.reset_classifier else "")))
+    if cfg.optim.layer_decay != 1 or cfg.optim.head_lr_scale != 1 or cfg.transfer.mode != "full":
+        from distrain.models.factory import create_meta_model
+        from distrain.tricks.transfer import describe_groups
+
+        model = create_meta_model(cfg.model, cfg.data.num_classes or 1000)  # names and shapes, no memory
+        groups = describe_groups(model, cfg.optim, cfg.transfer, plan.peak_lr)
+        rows += [("parameter groups" if i == 0 else "", line) for i, line in enumerate(groups)]
+    if cfg.early_stopping.patience:
+        es = cfg.early_stopping
+        rows.append(("early stopping", f"after {es.patience} evaluations (every {cfg.eval.every_epochs} epoch(s)) "
+                                       f"without {es.metric} improving by more than {es.min_delta:g}"))
     if cfg.fixres.epochs:
         from distrain.tricks.fixres import fixres_config
 
         fixres = fixres_config(cfg)
-        fplan = make_plan(fixres, plan.world_size, samples)
+        fplan = make_plan(fixres, plan.world_size, plan.train_samples)
         what = (f"{fplan.total_updates} updates ({cfg.fixres.epochs} epochs) at {cfg.data.eval_resize}/"
                 f"{cfg.data.eval_crop} px, peak LR {fplan.peak_lr:g}, training the classifier and "
                 f"{cfg.fixres.adapt} norm layer(s)")
         rows.append(("FixRes phase", what))
-    if cfg.optim.layer_decay != 1 or cfg.optim.head_lr_scale != 1 or cfg.transfer.mode != "full":
-        import torch
-
-        from distrain.models import create_model
-        from distrain.tricks.transfer import describe_groups
-
-        with torch.device("meta"):  # parameter names and shapes only, no memory
-            model = create_model(cfg.model, cfg.data.num_classes or 1000)
-        groups = describe_groups(model, cfg.optim, cfg.transfer, plan.peak_lr)
-        rows += [("parameter groups" if i == 0 else "", line) for i, line in enumerate(groups)]
-    if args.png:
-        rows.append(("schedules PNG", drawn))
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
-    return 0
+    return rows
 
 
 def _indexed_train_samples(cfg) -> int:

@@ -93,18 +93,21 @@ class ModelConfig:
     """Keyword arguments of the model's builder (timm: ``img_size``, ``drop_rate``, ...; torchvision
     alike); each must be an argument the model takes."""
     norm: Literal["batch", "sync_batch", "group", "layer", "instance", "ghost"] = "batch"
-    """Normalisation layers: ``batch``; ``sync_batch`` (statistics over all ranks' micro-batches;
+    """Normalisation layers: ``batch`` (the model's own norm layers: LayerNorm for transformers); ``sync_batch`` (statistics over all ranks' micro-batches;
     GPU runs); ``group`` (32 groups), ``layer`` (one group) and ``instance`` (one group per channel),
     all batch-independent; ``ghost`` (BatchNorm over virtual batches of ``ghost_batch_size``)."""
     zero_init_residual: bool = False
-    """Start the last BN gamma of each residual block at 0, so blocks start as identities (Goyal et al. 2017)."""
+    """Start the last BN gamma of each residual block at 0, so blocks start as identities (Goyal et al.
+    2017); timm's ResNets do so by default."""
     ghost_batch_size: int = 0
     """``norm: ghost``: samples per virtual batch on each device."""
     drop_path_rate: float = 0.0
     """Stochastic depth (Huang et al. 2016): the deepest residual branch is dropped with this
-    probability per sample, shallower ones linearly less."""
+    probability per sample, shallower ones linearly less. 0 leaves the model as built (torchvision's
+    ConvNeXt, EfficientNet, Swin and MaxViT keep their own default rates)."""
     dropout: float = 0.0
-    """Dropout on the features before the classifier."""
+    """Dropout on the features before the classifier; 0 leaves the model as built (e.g. VGG's and
+    EfficientNet's own classifier dropout)."""
     init: Literal["default", "he", "xavier", "orthogonal", "trunc_normal"] = "default"
     """Initialisation of conv and linear weights (biases zeroed); ``default`` keeps the model's own."""
     init_gain: Optional[float] = None
@@ -572,11 +575,6 @@ def _check_values(cfg: Config) -> None:
             raise DistrainError(f"{key}: a probability in [0, 1], got {p}")
     if not 0.0 <= cfg.ema.decay < 1.0:
         raise DistrainError(f"ema.decay: must be in [0, 1), got {cfg.ema.decay}")
-    if (cfg.model.norm == "ghost") != (cfg.model.ghost_batch_size > 0):
-        raise DistrainError(
-            f"model.ghost_batch_size: {cfg.model.ghost_batch_size} with model.norm={cfg.model.norm}; ghost BN is "
-            "model.norm=ghost with model.ghost_batch_size > 0"
-        )
     if cfg.model.ghost_batch_size and not cfg.batch.global_batch and cfg.batch.per_device % cfg.model.ghost_batch_size:
         raise DistrainError(
             f"model.ghost_batch_size: batch.per_device {cfg.batch.per_device} is not a multiple of "
@@ -608,11 +606,11 @@ def _check_values(cfg: Config) -> None:
         raise DistrainError(
             f"data.eval_crop: {cfg.data.eval_crop} is larger than data.eval_resize {cfg.data.eval_resize}"
         )
-    from distrain.models.factory import check_model_name
+    from distrain.models.factory import check_model
     from distrain.tricks.early_stopping import check_config as check_early_stopping
     from distrain.tricks.transfer import check_transfer
 
-    check_model_name(cfg.model.name)
+    check_model(cfg.model)
     check_early_stopping(cfg)
     check_transfer(cfg)
     if cfg.optim.nesterov and cfg.optim.momentum <= 0:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO
 
 from distrain.cli import main
 from distrain.config import (
@@ -410,3 +412,18 @@ def test_cli_bad_range_and_cycle_are_one_line(tmp_path, capsys, command):
 def test_cli_missing_recipe_is_one_line(tmp_path, capsys):
     rc = main(["plan", str(tmp_path / "missing.yaml")])
     _assert_one_error_line(capsys, rc, "missing.yaml")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(path):
+    load_config(path)
+
+
+def test_deit_recipe_plans_the_numbers_its_header_derives(capsys):
+    recipe_path = REPO / "configs" / "imagenet" / "deit_small.yaml"
+    assert main(["plan", str(recipe_path), "--nodes", "3", "--gpus-per-node", "4"]) == 0
+    rows = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in capsys.readouterr().out.splitlines())
+    assert (rows["per-device batch"], rows["global batch"], rows["updates per epoch"]) == ("84", "1008", "1270")
+    assert (rows["total updates"], rows["warmup updates"]) == ("381000", "6350 from LR 1e-06")
+    assert rows["peak LR"] == "0.000984375 (linear scaling)"
+    assert rows["distinct samples per epoch"] == "426720 (3 repeats)"

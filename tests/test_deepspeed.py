@@ -219,9 +219,10 @@ def test_export_and_single_process_eval(runs):
     checked(distrain(["export", str(run_dir), "--out", "zero2.pt"], cwd=tmp))
     exported = torch.load(tmp / "zero2.pt", weights_only=True)
     assert _max_rel_diff(exported, _raw_weights(run_dir)) == 0.0
+    from distrain.config import ModelConfig
     from distrain.models import create_model
 
-    model = create_model("cifar_resnet20", 10, "batch", False)
+    model = create_model(ModelConfig(name="cifar_resnet20"), 10)
     model.load_state_dict(exported)  # plain PyTorch
     out = checked(distrain(["eval", str(run_dir), "--json"], cwd=tmp))
     metrics = json.loads(out.stdout.strip().splitlines()[-1])

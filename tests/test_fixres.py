@@ -17,9 +17,9 @@ from test_train import recipe
 from torch import nn
 from wandb_offline import read_offline_runs
 
+from distrain.config import ModelConfig
 from distrain.data.decode import eval_sample, train_sample
 from distrain.errors import DistrainError
-from distrain.config import ModelConfig
 from distrain.models import create_model
 from distrain.tricks.fixres import fixres_config, freeze_for_fixres
 from distrain.tricks.transfer import train_only

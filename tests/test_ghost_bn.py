@@ -8,6 +8,7 @@ import torchvision
 from torch import nn
 from torch.testing import assert_close
 
+from distrain.config import ModelConfig
 from distrain.errors import DistrainError
 from distrain.models import create_model
 from distrain.models.ghost_bn import GhostBatchNorm2d, convert_to_ghost_bn
@@ -151,7 +152,7 @@ def test_non_positive_ghost_size_is_rejected():
 @pytest.mark.parametrize("name", ["resnet18", "cifar_resnet20"])
 def test_convert_keeps_state_dict_and_eval_outputs(name):
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=10) if name == "resnet18" else create_model(name, num_classes=10)
+    model = torchvision.models.resnet18(num_classes=10) if name == "resnet18" else create_model(ModelConfig(name=name), 10)
     x = torch.randn(8, 3, 32, 32)
     model(x)  # non-trivial running statistics and num_batches_tracked
     with torch.no_grad():

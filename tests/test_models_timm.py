@@ -11,7 +11,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from distrain.config import ModelConfig
 from distrain.errors import DistrainError
-from distrain.models import NORM_LAYERS, check_model, create_model, model_summary
+from distrain.models import NORM_LAYERS, check_model, create_meta_model, create_model, model_summary
 from distrain.models.factory import _TV_CLASSIFIER, _TV_OWN_DROPOUT, _tv_family, model_names
 
 VIT = "timm/vit_tiny_patch16_224"
@@ -19,6 +19,10 @@ VIT = "timm/vit_tiny_patch16_224"
 
 def build(name: str, num_classes: int = 10, **options) -> nn.Module:
     return create_model(ModelConfig(name=name, **options), num_classes)
+
+
+def meta(name: str, **options) -> nn.Module:
+    return create_meta_model(ModelConfig(name=name, **options), 10)
 
 
 def refusal(**options) -> str:
@@ -73,8 +77,7 @@ def test_kwargs_that_distrain_sets_elsewhere_are_refused(key, words):
 
 def test_a_kwarg_and_the_option_that_sets_it_cannot_both_be_given():
     assert refusal(name=VIT, dropout=0.1, kwargs={"drop_rate": 0.2}).startswith("model.kwargs.drop_rate: model.dropout")
-    with torch.device("meta"):
-        assert build(VIT, kwargs={"drop_rate": 0.2}).head_drop.p == 0.2  # alone, it passes through
+    assert meta(VIT, kwargs={"drop_rate": 0.2}).head_drop.p == 0.2  # alone, it passes through
 
 
 def test_builder_failures_name_the_key():
@@ -86,8 +89,7 @@ def test_builder_failures_name_the_key():
 
 
 def test_timm_models_take_drop_path_and_dropout_through_their_own_arguments():
-    with torch.device("meta"):
-        model = build(VIT, drop_path_rate=0.2, dropout=0.1)
+    model = meta(VIT, drop_path_rate=0.2, dropout=0.1)
     rates = [getattr(b.drop_path1, "drop_prob", 0.0) for b in model.blocks]  # block 0: nn.Identity
     assert rates == pytest.approx(torch.linspace(0, 0.2, 12).tolist())
     assert model.head_drop.p == 0.1
@@ -116,8 +118,7 @@ def test_timm_resnets_take_the_batch_independent_norms():
 def test_timm_norm_conversions_and_refusals():
     from timm.layers import LayerNorm2d, SyncBatchNormAct
 
-    with torch.device("meta"):
-        sync = build("timm/efficientnet_b0", norm="sync_batch")
+    sync = meta("timm/efficientnet_b0", norm="sync_batch")
     # timm's converter keeps the activation fused into BatchNormAct2d.
     assert sync.bn1.__class__ is SyncBatchNormAct and isinstance(sync.bn1.act, nn.SiLU)
     assert "BatchNormAct2d" in refusal(name="timm/efficientnet_b0", norm="ghost", ghost_batch_size=8)
@@ -139,6 +140,13 @@ def test_models_with_several_outputs_are_built_for_one_or_refused():
     assert message.startswith("model.name: googlenet with model.kwargs returns a GoogLeNetOutputs in training mode")
     assert refusal(name="timm/resnet18", kwargs={"features_only": True}).startswith("model.name: timm/resnet18")
     assert "returns shape (2, 197, 10)" in refusal(name=VIT, kwargs={"global_pool": ""})
+
+
+def test_meta_models_have_no_real_tensors_and_leave_timm_importable():
+    for name in ("regnet_x_400mf", "timm/swinv2_cr_tiny_224", "cifar_resnet20"):  # meta-hostile builders too
+        model = meta(name, dropout=0.1)
+        assert {t.device.type for t in (*model.parameters(), *model.buffers())} == {"meta"}, name
+    assert torch.zeros(1).device.type == "cpu"
 
 
 def test_every_torchvision_model_has_a_dropout_route():

@@ -4,6 +4,7 @@ starting from the previous phase's export; one W&B run; ``--resume auto`` contin
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -62,6 +63,31 @@ def test_fixres_follows_the_phase_that_sets_it():
     assert phases[2].cfg.model.pretrained == "/runs/r/a"  # ...and b starts from a's, not FixRes's
     (main, fixres) = chain(from_dict({**BASE, "fixres": {"epochs": 1}}))
     assert (main.name, main.log_prefix, fixres.name, fixres.log_prefix) == ("main", "", "fixres", "fixres/")
+
+
+def test_plan_prints_each_phase(tmp_path, capsys):
+    import yaml
+
+    from distrain.cli import main
+
+    recipe_path = tmp_path / "chain.yaml"
+    recipe_path.write_text(yaml.safe_dump({**BASE, "data": {"train_samples": 1000}, "batch": {"per_device": 100},
+                                           "phases": [{"name": "pre", "schedule": {"epochs": 2}},
+                                                      {"name": "probe", "data": {"train_samples": 500},
+                                                       "transfer": {"mode": "linear_probe"}}]}))
+    assert main(["plan", str(recipe_path)]) == 0
+    out = capsys.readouterr().out
+    pre, probe = out.split("phase 2/2: probe")
+
+    def rows(text: str) -> dict[str, str]:
+        return dict(re.split(r"\s{2,}", line, maxsplit=1) for line in text.splitlines()[1:] if "  " in line)
+
+    assert pre.startswith("phase 1/2: pre") and rows(pre)["total updates"] == "20"
+    assert "starts from" not in rows(pre)
+    probe_rows = rows(probe)
+    assert (probe_rows["updates per epoch"], probe_rows["total updates"]) == ("5", "450")
+    assert probe_rows["starts from"] == "/runs/r/pre"  # the first phase's export
+    assert "fc" in probe_rows["parameter groups"]  # the linear probe trains the classifier alone
 
 
 def _finished(phase, updates: int) -> None:

@@ -13,7 +13,8 @@ from test_train import recipe
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 TECHNIQUES = {
-    "model": {"name": "cifar_resnet20", "zero_init_residual": True, "norm": "ghost", "ghost_batch_size": 4},
+    "model": {"name": "cifar_resnet20", "zero_init_residual": True, "norm": "ghost", "ghost_batch_size": 4,
+              "init": "he", "drop_path_rate": 0.2, "dropout": 0.1},
     "batch": {"per_device": 16, "global_batch": 64},  # 2 ranks x 16 x 2 accumulation
     "data": {"policy": "trivialaugment", "random_erasing": 0.25, "repeats": 2, "workers": 2, "train_crop": 16},
     "mix": {"mixup_alpha": 0.2, "cutmix_alpha": 1.0, "prob": 1.0, "switch_prob": 0.5},

@@ -15,7 +15,7 @@ from torchvision.ops import StochasticDepth
 
 from distrain.config import ModelConfig
 from distrain.errors import DistrainError
-from distrain.models import check_model, create_model
+from distrain.models import check_model, create_meta_model, create_model
 from distrain.models.stochastic_depth import DropPathBasicBlock, DropPathBottleneck, drop_path_rates
 from distrain.parallel.rng import seed_layers
 
@@ -26,8 +26,7 @@ def build(name: str, num_classes: int = 10, **options) -> nn.Module:
 
 def build_meta(name: str, **options) -> nn.Module:
     """The model's structure without its weights (fast for large models)."""
-    with torch.device("meta"):
-        return build(name, **options)
+    return create_meta_model(ModelConfig(name=name, **options), 10)
 
 
 def drop_paths(model: nn.Module) -> list[float]:

@@ -38,10 +38,15 @@ def recipe(tmp_path, digits, **sections) -> str:
     return str(path)
 
 
+# Stochastic depth and dropout on: they draw from the per-rank, per-micro-batch generator, so the
+# resumed run below must draw the same masks as this uninterrupted one.
+STOCHASTIC = {"name": "cifar_resnet20", "drop_path_rate": 0.1, "dropout": 0.1}
+
+
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, digits):
     tmp = tmp_path_factory.mktemp("full")
-    cfg_path = recipe(tmp, digits)
+    cfg_path = recipe(tmp, digits, model=STOCHASTIC)
     proc = checked(distrain(["train", cfg_path], cwd=tmp))
     return tmp, cfg_path, proc
 
@@ -101,9 +106,10 @@ def test_eval_command_reproduces_final_top1(full_run):
 
 
 def test_resume_continues_exactly(full_run, tmp_path, digits):
-    """Stop mid-epoch at update 30, resume with --resume auto: the same per-update losses as the full run."""
+    """Stop mid-epoch at update 30, resume with --resume auto: the same per-update losses as the full run
+    (drop path and dropout included)."""
     full_tmp, _, _ = full_run
-    cfg_path = recipe(tmp_path, digits)
+    cfg_path = recipe(tmp_path, digits, model=STOCHASTIC)
     checked(distrain(["train", cfg_path, "train.max_updates=30"], cwd=tmp_path))
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["update-00000030"]
     proc = checked(distrain(["train", cfg_path, "--resume", "auto"], cwd=tmp_path))

@@ -294,3 +294,35 @@ def test_check_transfer_allows_probing_and_unfreezing_without_pretrained_weights
     check_transfer(cfg_with(transfer={"mode": "linear_probe"}))
     check_transfer(cfg_with(transfer={"mode": "gradual"}, optim={"layer_decay": 0.7},
                             distributed={"backend": "deepspeed"}))
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_a_pretrain_then_gradual_fine_tune_chain_on_two_ranks(tmp_path, digits):
+    """Phases, pretrained start, layer decay, gradual unfreezing and early stopping inside `distrain
+    train` on 2 gloo ranks: frozen blocks leave the phase bit-identical (weights and BN statistics)."""
+    from conftest import checked, distrain
+    from safetensors.torch import load_file
+    from test_train import recipe
+
+    phases = [{"name": "pre", "schedule": {"epochs": 1}},
+              {"name": "tune", "schedule": {"epochs": 3, "warmup_epochs": 0},
+               "optim": {"layer_decay": 0.8, "head_lr_scale": 2.0},
+               # The head trains from epoch 0, layers.8 from epoch 1.5 (mid-epoch), the rest never.
+               "transfer": {"mode": "gradual", "unfreeze_every": 1.5},
+               # min_delta 100: only the first evaluation improves; the second stops the phase.
+               "early_stopping": {"patience": 1, "min_delta": 100}}]
+    cfg = recipe(tmp_path, digits, phases=phases, batch={"per_device": 16, "accumulation": 1},
+                 train={"log_every": 10}, distributed={"timeout_s": 120})
+    proc = checked(distrain(["train", cfg], cwd=tmp_path, nproc=2))
+    run = tmp_path / "run"
+    assert "done pre phase" in proc.stdout and "done tune phase" in proc.stdout
+    tune = json.loads((run / "tune" / "summary.json").read_text())
+    assert tune["world_size"] == 2 and tune["epoch"] == 2 and tune["updates"] == 88  # stopped before epoch 3
+    assert tune["stopped_early"].startswith("early stop: eval/top1")
+    a, b = tune["replica_fingerprints"]
+    assert a == b
+    start, end = load_file(run / "pre" / "model.safetensors"), load_file(run / "tune" / "model.safetensors")
+    moved = {k for k in start if not torch.equal(start[k], end[k])}
+    assert {"fc.weight", "fc.bias", "layers.8.conv2.weight", "layers.8.bn2.running_mean"} <= moved
+    assert all(k.startswith(("fc.", "layers.8.")) for k in moved), sorted(moved)

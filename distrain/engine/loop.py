@@ -44,6 +44,8 @@ from distrain.engine.objective import Classification
 from distrain.engine.phases import Phase, chain, resume_point
 from distrain.engine.step import finish_update, micro_batch
 from distrain.errors import BadDataError, DistrainError, NonFiniteStop, PeerLost, Preempted, RunStopped
+from distrain.models.factory import model_summary
+from distrain.models.norms import check_norm_runtime
 from distrain.optim import create_optimizer, lr_at
 from distrain.parallel import build_accelerator
 from distrain.parallel.deepspeed import fill_deepspeed_batch, input_dtype, is_partitioned, master_weights
@@ -276,7 +278,10 @@ def _train(phase: Phase, accelerator: Accelerator, signals: StopSignals, resume:
     stream = train_stream(cfg, data, plan, accelerator)
     objective = Classification(cfg, data.num_classes, plan, stream.batch_copies, fixres=phase.fixres)
 
+    check_norm_runtime(cfg.model.norm, accelerator.device)
     model = objective.build_model()
+    # Before wrapping: counted on meta copies, so nothing of the model changes.
+    described = model_summary(model, cfg.data.train_crop, cfg.model.name) if accelerator.is_main_process else ""
     optimizer = create_optimizer(model, cfg.optim, lr_at(0, plan, cfg.schedule), cfg.transfer)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
@@ -300,6 +305,7 @@ def _train(phase: Phase, accelerator: Accelerator, signals: StopSignals, resume:
     progress = Progress(last_update, state.update, enabled=accelerator.is_main_process and cfg.logging.progress)
     if accelerator.is_main_process:
         progress.write(_plan_line(plan, cfg, run_dir, checkpoint, phase))
+        progress.write(f"distrain: model {described}")
         if objective.load_report is not None and checkpoint is None:
             progress.write(f"distrain: {objective.load_report}")
 
@@ -408,12 +414,19 @@ def _train(phase: Phase, accelerator: Accelerator, signals: StopSignals, resume:
         if draws is not None:
             draws.close()
 
+    return _write_summary(phase, run, time.perf_counter() - started, fingerprints, eval_metrics, restored)
+
+
+def _write_summary(phase: Phase, run: _Run, seconds: float, fingerprints: list[list[float]],
+                   eval_metrics: dict[str, float], restored: Path | None) -> dict:
+    """The phase's ``summary.json`` (written by rank 0, the last thing a phase does) and its dict."""
+    state, accelerator = run.state, run.accelerator
     summary = {
         "phase": phase.name,
-        "run_dir": str(run_dir),
+        "run_dir": str(phase.cfg.out_dir),
         "updates": state.update,
         "epoch": state.epoch,
-        "seconds": time.perf_counter() - started,
+        "seconds": seconds,
         "world_size": accelerator.num_processes,
         # What `deterministic` switched on (cuDNN/cuBLAS flags follow it in build_accelerator).
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
@@ -426,7 +439,7 @@ def _train(phase: Phase, accelerator: Accelerator, signals: StopSignals, resume:
         **eval_metrics,
     }
     if accelerator.is_main_process:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        (phase.cfg.out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         if any(f != fingerprints[0] for f in fingerprints):
             print(f"distrain: WARNING: model replicas differ across ranks: {fingerprints}", file=sys.stderr)
     return summary

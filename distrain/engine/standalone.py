@@ -14,6 +14,7 @@ from distrain.data.device import ToDevice
 from distrain.engine.build import build_model, eval_stream, loader, resolve_data
 from distrain.engine.evaluate import evaluate, sample_hits
 from distrain.errors import DistrainError
+from distrain.models.norms import check_norm_runtime
 from distrain.parallel import build_accelerator
 from distrain.parallel.deepspeed import consolidated_state_dict
 from distrain.parallel.setup import shutdown
@@ -103,6 +104,7 @@ def evaluate_checkpoint(target: str, overrides: list[str], resizes: list[int] | 
             raise DistrainError(f"--resizes: {small} smaller than data.eval_crop {cfg.data.eval_crop}")
     accelerator = build_accelerator(cfg)
     data = resolve_data(cfg)
+    check_norm_runtime(cfg.model.norm, accelerator.device)
     model = build_model(cfg, data.num_classes)
     model.load_state_dict(model_weights(checkpoint, "eval"))
     model = accelerator.prepare(model)

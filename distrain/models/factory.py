@@ -32,7 +32,6 @@ output is then the logits alone). timm's distilled DeiTs return the average of t
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import functools
 import re
@@ -137,10 +136,10 @@ def check_model(mcfg: ModelConfig) -> None:
     """Validate ``model.*`` without building real weights: call it during config validation.
 
     Builds the model on the meta device (:func:`create_meta_model`) through the same code as
-    :func:`create_model`, so every refusal of create_model appears here; then runs a batch of 2 through it in training mode, on the meta
-    device, and requires a ``(batch, classes)`` logits tensor. A forward the meta device cannot run
-    is skipped (the real run will tell). A timm name imports timm (seconds, once). A config that
-    passed is remembered for the rest of the process.
+    :func:`create_model`, so every refusal of create_model appears here; then runs a batch of 2
+    through it in training mode, on the meta device, and requires a ``(batch, classes)`` logits
+    tensor. A forward the meta device cannot run is skipped (the real run will tell). A timm name
+    imports timm (seconds, once). A config that passed is remembered for the rest of the process.
 
     Raises:
         DistrainError: naming the ``model.*`` key at fault.
@@ -170,16 +169,14 @@ def create_meta_model(mcfg: ModelConfig, num_classes: int) -> nn.Module:
     # (torchvision's RegNet), which needs only the parameters on meta; others do arithmetic between
     # their parameters and fresh tensors (timm's SwinV2), which needs everything there. A builder
     # that fails both builds for real, so the failure reported is never an artefact of meta.
-    placements = (lambda: torch.device("meta"), lambda: init_empty_weights(include_buffers=False),
-                  contextlib.nullcontext)
-    for place in placements:
+    for place in (lambda: torch.device("meta"), lambda: init_empty_weights(include_buffers=False)):
         try:
             with torch.random.fork_rng(devices=[]), place():
                 return create_model(mcfg, num_classes).to("meta")
         except _BuildFailure:
-            if place is placements[-1]:
-                raise
-    raise AssertionError("unreachable")
+            continue
+    with torch.random.fork_rng(devices=[]):
+        return create_model(mcfg, num_classes).to("meta")
 
 
 def _check_model(mcfg: ModelConfig) -> None:
