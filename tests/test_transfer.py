@@ -326,3 +326,26 @@ def test_a_pretrain_then_gradual_fine_tune_chain_on_two_ranks(tmp_path, digits):
     moved = {k for k in start if not torch.equal(start[k], end[k])}
     assert {"fc.weight", "fc.bias", "layers.8.conv2.weight", "layers.8.bn2.running_mean"} <= moved
     assert all(k.startswith(("fc.", "layers.8.")) for k in moved), sorted(moved)
+
+
+def test_gradual_unfreezing_with_layer_decay_resumes_exactly(tmp_path, digits):
+    """Stopped between two unfreezings and resumed: the same weights as without the stop (the
+    schedule is a function of the epoch; frozen blocks' dropped gradients leave no optimizer state)."""
+    from conftest import checked, distrain
+    from safetensors.torch import load_file
+    from test_train import recipe
+
+    sections = dict(data={"train_crop": 8, "eval_resize": 8, "eval_crop": 8}, eval={"every_epochs": 5},
+                    batch={"per_device": 32, "accumulation": 1}, schedule={"epochs": 1, "warmup_epochs": 0},
+                    optim={"layer_decay": 0.7, "head_lr_scale": 3.0},
+                    transfer={"mode": "gradual", "unfreeze_every": 0.1})  # a block every 4.4 updates
+    runs = {}
+    for name, max_updates in (("full", 0), ("stopped", 20)):
+        (tmp_path / name).mkdir()
+        cfg = recipe(tmp_path / name, digits, train={"max_updates": max_updates, "log_every": 11}, **sections)
+        checked(distrain(["train", cfg], cwd=tmp_path / name))
+        runs[name] = cfg
+    checked(distrain(["train", runs["stopped"], "--resume", "auto", "train.max_updates=0"], cwd=tmp_path / "stopped"))
+    full = load_file(tmp_path / "full" / "run" / "model.safetensors")
+    resumed = load_file(tmp_path / "stopped" / "run" / "model.safetensors")
+    assert all(torch.equal(full[k], resumed[k]) for k in full)

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from safetensors.torch import save_file
 from torch import nn
 
@@ -134,7 +134,9 @@ def train(cfg: Config, resume: str | None = None, allow_config_change: bool = Fa
     try:
         lock.acquire_for_run(accelerator)
         phases = chain(cfg)
-        first, step_offset = resume_point(phases, resume)
+        # Rank 0's view of the run dir decides, so that no rank (e.g. behind a stale network-file-
+        # system cache) starts in another phase than the others and waits for them forever.
+        first, step_offset = broadcast_object_list([resume_point(phases, resume)])[0]
         for i, phase in enumerate(phases[first:], first):
             accelerator.free_memory()  # drop the previous phase's prepared model and optimizer
             phase_resume = resume if i == first else resume and "auto"
