@@ -652,8 +652,34 @@ def _check_values(cfg: Config) -> None:
 _PHASE_NAME = re.compile(r"[A-Za-z0-9_-]+")
 # Names a phase cannot take: the run dir's own entries (the FixRes phase is RUN_DIR/fixres).
 _RESERVED_PHASE_NAMES = {"fixres", "checkpoints", "draws", "wandb"}
-# Settings of the whole chain: one run, one seed stream of run dirs, one W&B run.
-_CHAIN_KEYS = {"name", "run_dir", "phases"}
+# Settings of the whole chain, which a phase cannot change: the run's identity, and what the one
+# Accelerator of the run (its process group, precision, compile and DeepSpeed engine settings)
+# and its one W&B run are built from.
+_CHAIN_KEYS = ("name", "run_dir", "phases", "deterministic", "train.precision", "model.compile", "distributed",
+               "logging.wandb", "logging.project")
+
+
+def _has_key(tree: dict, dotted: str) -> bool:
+    node = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _phase_errors(where: str):
+    """Prefix a phase's validation errors with the phase."""
+
+    class _Prefixed:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, kind, error, tb):
+            if isinstance(error, DistrainError):
+                raise DistrainError(f"{where}: {error}") from None
+
+    return _Prefixed()
 
 
 def phase_configs(cfg: Config) -> list[Config]:
@@ -661,11 +687,12 @@ def phase_configs(cfg: Config) -> list[Config]:
 
     Phase ``i`` is ``cfg`` with the phase's partial recipe merged over it, its run dir
     ``RUN_DIR/<phase name>``, and, unless the phase names its own ``model.pretrained``, the
-    previous phase's run dir as ``model.pretrained`` (its export is where it starts).
+    previous phase's final export as ``model.pretrained`` (its FixRes phase's, if it has one),
+    loaded whole: ``pretrained_ignore`` and ``reset_classifier`` apply only where the phase sets them.
 
     Raises:
         DistrainError: a phase without a valid, unique name, setting a whole-chain key, or any
-            invalid value (named as ``phases[i] (name): key: ...``).
+            invalid value, its FixRes phase's included (named as ``phases[i] (name): key: ...``).
     """
     base = to_dict(cfg)
     del base["phases"]
@@ -680,17 +707,25 @@ def phase_configs(cfg: Config) -> list[Config]:
         if any(c.out_dir.name == name for c in configs):
             raise DistrainError(f"phases[{i}].name: {name!r} names two phases")
         where = f"phases[{i}] ({name})"
-        chain = sorted(_CHAIN_KEYS & (phase.keys() - {"name"}))
+        own = {k: v for k, v in phase.items() if k != "name"}  # a phase's "name" is its own
+        chain = [key for key in _CHAIN_KEYS if _has_key(own, key)]
         if chain:
             raise DistrainError(f"{where}: {chain[0]} belongs to the whole recipe, not to one phase")
-        merged = _deep_merge(base, {k: v for k, v in phase.items() if k != "name"})
+        own_model = phase.get("model", {})
+        if not isinstance(own_model, dict):
+            raise DistrainError(f"{where}: model: expected a mapping, got {own_model!r}")
+        merged = _deep_merge(base, own)
         merged["run_dir"] = str(cfg.out_dir / name)
-        if configs and not (phase.get("model") or {}).get("pretrained"):
-            merged["model"]["pretrained"] = str(configs[-1].out_dir)
-        try:
+        if configs and not own_model.get("pretrained"):
+            previous = configs[-1]
+            start = previous.out_dir / "fixres" if previous.fixres.epochs else previous.out_dir
+            merged["model"].update(pretrained=str(start), pretrained_ignore=own_model.get("pretrained_ignore", []),
+                                   reset_classifier=own_model.get("reset_classifier", False))
+        with _phase_errors(where):
             configs.append(from_dict(merged))
-        except DistrainError as error:
-            raise DistrainError(f"{where}: {error}") from None
+            if cfg.distributed.backend == "deepspeed" and _has_key(phase, "train.clip_grad_norm"):
+                # DeepSpeed clips inside its engine, whose config the first phase fixed.
+                raise DistrainError("train.clip_grad_norm: under DeepSpeed it belongs to the whole recipe")
     return configs
 
 
@@ -704,6 +739,11 @@ def from_dict(data: dict) -> Config:
     _check_values(cfg)
     if cfg.phases and cfg.fixres.epochs:
         raise DistrainError("fixres.epochs: with phases, set it in the phase that FixRes follows")
+    if cfg.fixres.epochs:
+        from distrain.tricks.fixres import fixres_config
+
+        with _phase_errors("fixres phase"):
+            fixres_config(cfg)  # validates the phase that will run after this one
     phase_configs(cfg)
     return cfg
 

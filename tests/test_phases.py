@@ -52,6 +52,24 @@ def test_a_bad_phase_fails_validation_naming_the_phase(phases, message):
         from_dict({**BASE, "phases": phases})
 
 
+def test_a_later_phase_loads_the_previous_export_whole_and_cannot_change_the_run_itself():
+    cfg = from_dict({**BASE, "model": {"name": "cifar_resnet20", "pretrained": "/w/in.pth", "reset_classifier": True,
+                                       "pretrained_ignore": ["fc.*"]},
+                     "phases": [{"name": "ft"}, {"name": "more"}, {"name": "other", "model": {"reset_classifier": True}}]})
+    ft, more, other = phase_configs(cfg)
+    assert (ft.model.pretrained, ft.model.reset_classifier, ft.model.pretrained_ignore) == ("/w/in.pth", True, ["fc.*"])
+    # The fine-tuned head is kept: the base recipe's reset and ignore were for the first start only.
+    assert (more.model.pretrained, more.model.reset_classifier, more.model.pretrained_ignore) == ("/runs/r/ft", False, [])
+    assert (other.model.pretrained, other.model.reset_classifier) == ("/runs/r/more", True)
+    # What the run's one Accelerator and W&B run are built from cannot change between phases.
+    for key, value in (("train", {"precision": "fp32"}), ("distributed", {"zero_stage": 3}),
+                       ("model", {"compile": True}), ("deterministic", True), ("logging", {"project": "x"})):
+        with pytest.raises(DistrainError, match=r"phases\[1\] \(b\): .* belongs to the whole recipe"):
+            from_dict({**BASE, "phases": [{"name": "a"}, {"name": "b", key: value}]})
+    with pytest.raises(DistrainError, match=r"phases\[1\] \(b\): model: expected a mapping"):
+        from_dict({**BASE, "phases": [{"name": "a"}, {"name": "b", "model": 5}]})
+
+
 def test_fixres_follows_the_phase_that_sets_it():
     with pytest.raises(DistrainError, match="fixres.epochs: with phases"):
         from_dict({**BASE, "fixres": {"epochs": 1}, "phases": [{"name": "a"}]})
@@ -60,7 +78,7 @@ def test_fixres_follows_the_phase_that_sets_it():
         ("a", "/runs/r/a", False, "a/"), ("a/fixres", "/runs/r/a/fixres", True, "a/fixres/"),
         ("b", "/runs/r/b", False, "b/")]
     assert phases[1].cfg.model.pretrained == "/runs/r/a"  # FixRes adapts a's export...
-    assert phases[2].cfg.model.pretrained == "/runs/r/a"  # ...and b starts from a's, not FixRes's
+    assert phases[2].cfg.model.pretrained == "/runs/r/a/fixres"  # ...and b starts from a's final one
     (main, fixres) = chain(from_dict({**BASE, "fixres": {"epochs": 1}}))
     assert (main.name, main.log_prefix, fixres.name, fixres.log_prefix) == ("main", "", "fixres", "fixres/")
 

@@ -284,6 +284,8 @@ def test_describe_groups_on_the_meta_device():
     ({"transfer": {"unfreeze_every": 0.0}}, "transfer.unfreeze_every: must be > 0"),
     ({"optim": {"layer_decay": 0.75}, "transfer": {"mode": "linear_probe"}},
      "optim.layer_decay: 0.75 means nothing under transfer.mode=linear_probe"),
+    ({"model": {"name": "cifar_resnet20", "dropout": 0.2}, "transfer": {"mode": "linear_probe"}},
+     "model.dropout: 0.2 does nothing under transfer.mode=linear_probe"),
 ])
 def test_check_transfer_refuses(sections, message):
     with pytest.raises(DistrainError, match=message):  # from the config's own validation, once it calls this

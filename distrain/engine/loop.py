@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from accelerate.utils import gather_object, set_seed
 from safetensors.torch import save_file
 from torch import nn
 
@@ -50,7 +50,13 @@ from distrain.optim import create_optimizer, lr_at
 from distrain.parallel import build_accelerator
 from distrain.parallel.deepspeed import fill_deepspeed_batch, input_dtype, is_partitioned, master_weights
 from distrain.parallel.rng import Owner, micro_batch_seed, seed_layers
-from distrain.parallel.setup import broadcast_from_main, replica_fingerprints, shutdown, sync_buffers
+from distrain.parallel.setup import (
+    broadcast_from_main,
+    decided_by_main,
+    replica_fingerprints,
+    shutdown,
+    sync_buffers,
+)
 from distrain.parallel.signals import StopSignals, agree, is_peer_failure, requeue_slurm_job
 from distrain.plan import BatchPlan, make_plan
 from distrain.track.checkpoint import (
@@ -134,12 +140,11 @@ def train(cfg: Config, resume: str | None = None, allow_config_change: bool = Fa
     try:
         lock.acquire_for_run(accelerator)
         phases = chain(cfg)
-        # Rank 0's view of the run dir decides, so that no rank (e.g. behind a stale network-file-
-        # system cache) starts in another phase than the others and waits for them forever.
-        first, step_offset = broadcast_object_list([resume_point(phases, resume)])[0]
+        first, step_offset = decided_by_main(accelerator, lambda: resume_point(phases, resume))
         for i, phase in enumerate(phases[first:], first):
             accelerator.free_memory()  # drop the previous phase's prepared model and optimizer
-            phase_resume = resume if i == first else resume and "auto"
+            # Later phases start afresh: checkpoints of theirs would come from an older start.
+            phase_resume = resume if i == first else None
             summaries.append(_train(phase, accelerator, signals, phase_resume, allow_config_change, step_offset,
                                     cfg.out_dir))
             step_offset += summaries[-1]["updates"]
@@ -186,14 +191,16 @@ class _Run:
         self.stopper.load_state_dict(state.early_stopping)
         self.by_stopper = bool(es.patience or es.restore_best)
 
-    def best(self) -> Path | None:
-        """The best checkpoint: early stopping's best under ``early_stopping``, else by eval/top1."""
+    def best_by(self) -> tuple[str, str, int | None]:
+        """What the best checkpoint is: early stopping's best (its metric, mode and best update) when
+        it is on, else the highest eval/top1."""
         if not self.by_stopper:
-            return best_checkpoint(self.cfg.out_dir)
-        if self.stopper.best_update is None:
-            return None
-        path = checkpoint_at(self.cfg.out_dir, self.stopper.best_update)
-        return path if path.is_dir() else None
+            return ("eval/top1", "max", None)
+        es = self.cfg.early_stopping
+        return (es.metric, es.mode, self.stopper.best_update)
+
+    def best(self) -> Path | None:
+        return best_checkpoint(self.cfg.out_dir, *self.best_by())
 
     def sync_state(self) -> None:
         """Rank 0's buffers become every rank's, for the raw and the EMA weights (see sync_buffers)."""
@@ -209,8 +216,7 @@ class _Run:
         self.state.early_stopping = self.stopper.state_dict()
         c = self.cfg.checkpoint
         return save_checkpoint(self.accelerator, self.cfg.out_dir, self.state, c.keep_last, c.keep_best, extras,
-                               per_rank=is_partitioned(self.unwrapped),
-                               best_update=self.stopper.best_update if self.by_stopper else None)
+                               per_rank=is_partitioned(self.unwrapped), best=self.best_by())
 
     def restore_best(self) -> Path | None:
         """Load the best checkpoint's weights (and EMA) for the export (``early_stopping.restore_best``).
@@ -218,7 +224,7 @@ class _Run:
         Returns:
             The checkpoint, or None when the current weights are the best.
         """
-        best = self.best()
+        best = decided_by_main(self.accelerator, self.best)
         if best is None or best == checkpoint_at(self.cfg.out_dir, self.state.update):
             return None
         _load_checkpoint(self.accelerator, best, "early_stopping.restore_best", self.ema,
@@ -293,7 +299,7 @@ def _train(phase: Phase, accelerator: Accelerator, signals: StopSignals, resume:
 
     # The precision that "auto" resolved to on this machine is what a resume must match.
     state = TrainerState(config=_with_resolved_precision(to_dict(cfg), accelerator), plan=plan.as_dict())
-    checkpoint = resolve_resume(resume, run_dir) if resume else None
+    checkpoint = decided_by_main(accelerator, lambda: resolve_resume(resume, run_dir)) if resume else None
     if checkpoint is not None:
         state = _resume(accelerator, checkpoint, state, allow, ema, is_partitioned(unwrapped))
 

@@ -5,17 +5,20 @@ from __future__ import annotations
 import importlib.util
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, broadcast_object_list
 
 from distrain.config import Config
 from distrain.errors import DistrainError
 from distrain.parallel.deepspeed import deepspeed_config, gathered, uses_deepspeed
+
+T = TypeVar("T")
 
 
 def rank_gpu() -> torch.device | None:
@@ -185,6 +188,27 @@ def replica_fingerprints(
     params += [t.detach().double() for t in extra]
     local = torch.stack([sum(p.sum() for p in params), sum((p * p).sum() for p in params)])
     return accelerator.gather(local.to(accelerator.device).unsqueeze(0)).cpu().tolist()
+
+
+def decided_by_main(accelerator: Accelerator, decide: Callable[[], T]) -> T:
+    """``decide()`` run on rank 0 alone, its result (or its DistrainError) given to every rank.
+
+    For decisions read from the file system (which checkpoint to load, which phase to resume):
+    every rank must take the same one, and a rank whose view of a network file system lags would
+    otherwise take another and wait for the others in a collective that never comes.
+    """
+    if accelerator.num_processes == 1:
+        return decide()
+    result = error = None
+    if accelerator.is_main_process:
+        try:
+            result = decide()
+        except DistrainError as e:
+            error = str(e)
+    result, error = broadcast_object_list([result, error])
+    if error is not None:
+        raise DistrainError(error)
+    return result
 
 
 def shutdown(accelerator: Accelerator) -> None:

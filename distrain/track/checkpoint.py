@@ -102,13 +102,18 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
     return path
 
 
-def best_checkpoint(run_dir: str | Path, metric: str = "eval/top1") -> Path | None:
-    """The complete checkpoint with the highest ``metric`` (the latest of equals), if any has it."""
+def best_checkpoint(run_dir: str | Path, metric: str = "eval/top1", mode: str = "max",
+                    best_update: int | None = None) -> Path | None:
+    """The best complete checkpoint: the one taken at ``best_update`` (early stopping's best) if it
+    exists, else the one with the highest ``metric`` (lowest under ``mode`` ``min``; the latest of
+    equals), if any has it."""
+    if best_update is not None and (checkpoint_at(run_dir, best_update) / STATE_NAME).is_file():
+        return checkpoint_at(run_dir, best_update)
     scored = []
     for path in checkpoint_dirs(run_dir):
         value = load_trainer_state(path).eval.get(metric)
         if value is not None:
-            scored.append((value, path.name, path))
+            scored.append((value if mode == "max" else -value, path.name, path))
     return max(scored)[2] if scored else None
 
 
@@ -125,12 +130,12 @@ def save_checkpoint(
     keep_best: bool,
     extras: dict[str, dict[str, torch.Tensor]] | None = None,
     per_rank: bool = False,
-    best_update: int | None = None,
+    best: tuple[str, str, int | None] = ("eval/top1", "max", None),
 ) -> Path:
     """Save the full training state; every rank must call this at the same point.
 
-    Keeps the newest ``keep_last`` checkpoints, plus the best if ``keep_best``: the one taken at
-    ``best_update`` (early stopping's best), or without it the best by ``eval/top1``.
+    Keeps the newest ``keep_last`` checkpoints, plus, if ``keep_best``, the best by ``best`` (metric,
+    mode, early stopping's best update: see :func:`best_checkpoint`).
     ``extras`` are further tensor sets (e.g. the EMA weights), written by rank 0 as
     ``<name>.safetensors`` when they are replicated, or by every rank as
     ``<name>-rank<R>.safetensors`` when ``per_rank`` (each rank's ZeRO-3 slice); their counters
@@ -159,11 +164,9 @@ def save_checkpoint(
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        best = None
-        if keep_best:
-            best = best_checkpoint(run_dir) if best_update is None else checkpoint_at(run_dir, best_update)
+        kept = best_checkpoint(run_dir, *best) if keep_best else None
         for old in checkpoint_dirs(run_dir)[:-keep_last]:
-            if old != best:
+            if old != kept:
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final

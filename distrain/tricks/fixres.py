@@ -27,7 +27,8 @@ def fixres_config(cfg: Config) -> Config:
     d["run_dir"] = str(cfg.out_dir / "fixres")
     d["model"].update(pretrained=str(cfg.out_dir), pretrained_ignore=[], reset_classifier=False)
     d["transfer"]["mode"] = "full"
-    d["early_stopping"]["patience"] = 0
+    d["early_stopping"].update(patience=0, restore_best=False)
+    d["fixres"]["epochs"] = 0  # this is the FixRes phase: none follows it
     d["data"].update(train_crop=cfg.data.eval_crop, train_resize=cfg.data.eval_resize, policy="none",
                      random_erasing=0.0, repeats=1)
     d["mix"].update(mixup_alpha=0.0, cutmix_alpha=0.0)

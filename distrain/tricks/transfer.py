@@ -349,3 +349,8 @@ def check_transfer(cfg: Config) -> None:
     if t.mode == "linear_probe" and o.layer_decay != 1:
         raise DistrainError(f"optim.layer_decay: {o.layer_decay} means nothing under transfer.mode=linear_probe, "
                             "which trains the classifier alone; set it to 1")
+    if t.mode == "linear_probe" and (cfg.model.dropout or cfg.model.drop_path_rate):
+        key, value = ("model.dropout", cfg.model.dropout) if cfg.model.dropout else (
+            "model.drop_path_rate", cfg.model.drop_path_rate)
+        raise DistrainError(f"{key}: {value} does nothing under transfer.mode=linear_probe, which runs everything "
+                            "but the classifier as at test time; set it to 0")
