@@ -216,6 +216,11 @@ def _plan_rows(cfg, plan, args: argparse.Namespace) -> list[tuple[str, object]]:
         model = create_meta_model(cfg.model, cfg.data.num_classes or 1000)  # names and shapes, no memory
         groups = describe_groups(model, cfg.optim, cfg.transfer, plan.peak_lr)
         rows += [("parameter groups" if i == 0 else "", line) for i, line in enumerate(groups)]
+    if cfg.distill.teacher:
+        d = cfg.distill
+        how = f"soft at temperature {d.temperature:g}" if d.kind == "soft" else "hard (the teacher's top-1)"
+        rows.append(("distillation", f"{how}, loss = {1 - d.alpha:g} x label + {d.alpha:g} x distillation; "
+                                     f"teacher {d.teacher}"))
     if cfg.early_stopping.patience:
         es = cfg.early_stopping
         rows.append(("early stopping", f"after {es.patience} evaluations (every {cfg.eval.every_epochs} epoch(s)) "

@@ -9,6 +9,7 @@ naming the key and, for a misspelt key, the closest valid one.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -288,6 +289,31 @@ class EarlyStoppingConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation from a frozen teacher (Hinton et al. 2015; DeiT, Touvron et al. 2021)."""
+
+    teacher: str = ""
+    """Empty: no distillation. A distrain run directory (its config.yaml names the model; a phase's
+    directory, e.g. RUN_DIR/teacher, for a teacher trained earlier in the same recipe), one of its
+    checkpoints, a ``model.safetensors`` or a ``torch.save`` state dict (these need ``teacher_model``)."""
+    teacher_model: str = ""
+    """The teacher's ``model.name``, overriding its run's config (needed for a bare weights file)."""
+    teacher_kwargs: dict[str, Any] = field(default_factory=dict)
+    kind: Literal["soft", "hard"] = "soft"
+    """``soft``: KL(teacher || student) at ``temperature``, x T^2, averaged over samples; ``hard``:
+    cross-entropy on the teacher's top-1 (DeiT)."""
+    alpha: float = 0.5
+    """Loss = (1 - alpha) x label loss + alpha x distillation loss."""
+    temperature: float = 1.0
+    """Softens both distributions of the ``soft`` loss (Hinton et al. use 2-20; DeiT 1)."""
+    teacher_mean: list[float] = field(default_factory=list)
+    """The teacher's input normalisation when it differs from ``data.mean``/``data.std`` (empty: the same)."""
+    teacher_std: list[float] = field(default_factory=list)
+    teacher_resolution: int = 0
+    """Resize the student's batch to this side for the teacher (0: the student's)."""
+
+
+@dataclass
 class CheckpointConfig:
     every_epochs: int = 1
     keep_last: int = 2
@@ -362,6 +388,7 @@ class Config:
     fixres: FixResConfig = field(default_factory=FixResConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     phases: list[dict[str, Any]] = field(default_factory=list)
@@ -613,6 +640,11 @@ def _check_values(cfg: Config) -> None:
     check_model(cfg.model)
     check_early_stopping(cfg)
     check_transfer(cfg)
+    d = cfg.distill
+    if d.teacher:
+        from distrain.tricks.distill import check_distill
+
+        check_distill(d.kind, d.alpha, d.temperature, d.teacher_mean, d.teacher_std, d.teacher_resolution)
     if cfg.optim.nesterov and cfg.optim.momentum <= 0:
         raise DistrainError("optim.nesterov: needs optim.momentum > 0")
     if cfg.data.train_resize and cfg.data.train_crop > cfg.data.train_resize:
@@ -686,8 +718,8 @@ def phase_configs(cfg: Config) -> list[Config]:
     """The validated config of each phase of ``cfg.phases``, in order (empty without phases).
 
     Phase ``i`` is ``cfg`` with the phase's partial recipe merged over it, its run dir
-    ``RUN_DIR/<phase name>``, and, unless the phase names its own ``model.pretrained``, the
-    previous phase's final export as ``model.pretrained`` (its FixRes phase's, if it has one),
+    ``RUN_DIR/<phase name>``, and, unless the phase sets its own ``model.pretrained`` (``""``: start
+    from scratch, e.g. another architecture), the previous phase's final export as ``model.pretrained`` (its FixRes phase's, if it has one),
     loaded whole: ``pretrained_ignore`` and ``reset_classifier`` apply only where the phase sets them.
 
     Raises:
@@ -716,13 +748,13 @@ def phase_configs(cfg: Config) -> list[Config]:
             raise DistrainError(f"{where}: model: expected a mapping, got {own_model!r}")
         merged = _deep_merge(base, own)
         merged["run_dir"] = str(cfg.out_dir / name)
-        if configs and not own_model.get("pretrained"):
+        if configs and "pretrained" not in own_model:
             previous = configs[-1]
             start = previous.out_dir / "fixres" if previous.fixres.epochs else previous.out_dir
             merged["model"].update(pretrained=str(start), pretrained_ignore=own_model.get("pretrained_ignore", []),
                                    reset_classifier=own_model.get("reset_classifier", False))
         with _phase_errors(where):
-            configs.append(from_dict(merged))
+            configs.append(_validated(merged))
             if cfg.distributed.backend == "deepspeed" and _has_key(phase, "train.clip_grad_norm"):
                 # DeepSpeed clips inside its engine, whose config the first phase fixed.
                 raise DistrainError("train.clip_grad_norm: under DeepSpeed it belongs to the whole recipe")
@@ -730,11 +762,18 @@ def phase_configs(cfg: Config) -> list[Config]:
 
 
 def from_dict(data: dict) -> Config:
-    """Validate a recipe mapping against the schema, phases included.
+    """Validate a recipe mapping against the schema, phases and teachers included.
 
     Raises:
         DistrainError: naming the first unknown key, wrongly typed value or out-of-range value.
     """
+    cfg = _validated(data)
+    _check_teachers(cfg, phase_configs(cfg))
+    return cfg
+
+
+def _validated(data: dict) -> Config:
+    """:func:`from_dict` but for the teachers' files, which earlier phases may not have written yet."""
     cfg = _build(Config, data)
     _check_values(cfg)
     if cfg.phases and cfg.fixres.epochs:
@@ -746,6 +785,20 @@ def from_dict(data: dict) -> Config:
             fixres_config(cfg)  # validates the phase that will run after this one
     phase_configs(cfg)
     return cfg
+
+
+def _check_teachers(cfg: Config, phases: list[Config]) -> None:
+    """Refuse a teacher that cannot be found or built, before anything runs: a typo must not cost a
+    teacher phase's hours. A teacher that an earlier phase of this recipe will train is not there yet."""
+    from distrain.tricks.distill import teacher_model_config
+
+    earlier: set[Path] = set()
+    for i, c in enumerate(phases or [cfg]):
+        d = c.distill
+        if d.teacher and Path(d.teacher).resolve() not in earlier:
+            with _phase_errors(f"phases[{i}] ({c.out_dir.name})") if phases else contextlib.nullcontext():
+                teacher_model_config(d.teacher, d.teacher_model, d.teacher_kwargs)
+        earlier |= {c.out_dir.resolve(), (c.out_dir / "fixres").resolve()}
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:

@@ -4,6 +4,7 @@ heads, the teacher's inputs, and loading a frozen teacher (with its one-line ref
 from __future__ import annotations
 
 import hashlib
+import json
 
 import numpy as np
 import pytest
@@ -371,3 +372,88 @@ def test_fingerprint_is_the_sha256_of_the_weights(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert refusal(teacher_fingerprint, str(empty)).startswith(f"distill.teacher: {empty} holds no model weights")
+
+
+# --- inside `distrain train` ------------------------------------------------------------------------
+
+TINY = dict(data={"train_crop": 8, "eval_resize": 8, "eval_crop": 8}, batch={"per_device": 32, "accumulation": 1},
+            schedule={"epochs": 1, "warmup_epochs": 0}, train={"log_every": 11}, eval={"every_epochs": 1})
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory, digits):
+    """A trained digits teacher (a distrain run dir: config.yaml names its model)."""
+    from conftest import checked, distrain
+    from test_train import recipe
+
+    tmp = tmp_path_factory.mktemp("teacher")
+    checked(distrain(["train", recipe(tmp, digits, model={"name": "cifar_resnet32"}, **TINY)], cwd=tmp))
+    return tmp / "run"
+
+
+def _losses(run_dir) -> dict[int, float]:
+    from conftest import read_jsonl
+
+    return {e["step"]: e["train/loss"] for e in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in e}
+
+
+@pytest.mark.slow
+def test_alpha_zero_trains_exactly_the_plain_run_and_alpha_half_logs_its_parts(tmp_path, digits, teacher_run):
+    from conftest import checked, distrain, read_jsonl
+    from safetensors.torch import load_file
+    from test_train import recipe
+
+    before = teacher_fingerprint(str(teacher_run))
+    runs = {}
+    for name, distill in (("plain", {}), ("zero", {"teacher": str(teacher_run), "alpha": 0.0}),
+                          ("soft", {"teacher": str(teacher_run), "alpha": 0.5, "temperature": 4.0})):
+        (tmp_path / name).mkdir()
+        cfg = recipe(tmp_path / name, digits, distill=distill, **TINY)
+        runs[name] = (cfg, checked(distrain(["train", cfg], cwd=tmp_path / name)), tmp_path / name / "run")
+    plain, zero, soft = (runs[n][2] for n in ("plain", "zero", "soft"))
+    # The teacher is built under a forked RNG and adds 0 x its loss: the very same run.
+    assert _losses(zero) == _losses(plain)
+    a, b = load_file(plain / "model.safetensors"), load_file(zero / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    events = read_jsonl(soft / "metrics.jsonl")
+    (start,) = [e for e in events if "teacher/top1" in e]  # once, before the first update
+    assert start["step"] == 0 and start["teacher/samples"] == 360 and start["teacher/top1"] > 30
+    assert "teacher/top1" in runs["soft"][1].stderr
+    train = [e for e in events if "train/loss" in e]
+    for e in train:  # each logged loss is the stated mixture of its two parts
+        assert e["train/loss"] == pytest.approx(0.5 * e["train/loss_label"] + 0.5 * e["train/loss_distill"], rel=1e-5)
+    assert [e for e in events if "eval/agreement" in e]
+    assert teacher_fingerprint(str(teacher_run)) == before  # the teacher's file is untouched
+    assert not any("teacher" in k for k in load_file(soft / "model.safetensors"))  # not inside the student
+
+    # Other weights behind the same teacher path: resuming is refused like any changed setting.
+    cfg = runs["soft"][0]
+    other = tmp_path / "other-teacher"
+    import shutil
+
+    shutil.copytree(teacher_run, other, ignore=shutil.ignore_patterns("wandb*", "checkpoints", ".lock"))
+    weights = load_file(other / "model.safetensors")
+    weights["fc.bias"] += 1
+    from safetensors.torch import save_file as save
+
+    save(weights, other / "model.safetensors")
+    proc = distrain(["train", cfg, "--resume", "auto", f"distill.teacher={other}", "train.max_updates=0"],
+                    cwd=tmp_path / "soft")
+    assert proc.returncode == 2 and "distill.teacher weights: sha256" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_hard_distillation_with_mixing_on_two_ranks_keeps_replicas_equal(tmp_path, digits, teacher_run):
+    from conftest import checked, distrain, read_jsonl
+    from test_train import recipe
+
+    cfg = recipe(tmp_path, digits, distill={"teacher": str(teacher_run), "kind": "hard", "alpha": 0.5},
+                 mix={"mixup_alpha": 0.2, "cutmix_alpha": 1.0}, distributed={"timeout_s": 120},
+                 **{**TINY, "batch": {"per_device": 16, "accumulation": 2}})
+    checked(distrain(["train", cfg], cwd=tmp_path, nproc=2))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    a, b = summary["replica_fingerprints"]
+    assert summary["world_size"] == 2 and a == b
+    assert 0 < summary["eval/agreement"] <= 100
+    assert any("train/loss_distill" in e for e in read_jsonl(tmp_path / "run" / "metrics.jsonl"))

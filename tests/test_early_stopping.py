@@ -141,6 +141,7 @@ def test_restore_best_needs_a_kept_checkpoint_at_every_evaluation():
         check_config(cfg)
 
 
+@pytest.mark.slow
 def test_in_distrain_train_a_requeued_run_keeps_its_patience_and_exports_the_best(tmp_path, digits):
     import torch
     from conftest import checked, distrain

@@ -27,15 +27,17 @@ def test_each_phase_is_the_base_recipe_with_its_part_merged_over_it():
         {"name": "pre", "schedule": {"epochs": 3}},
         {"name": "tune", "optim": {"lr": 0.01}, "model": {"reset_classifier": True}},
         {"name": "own", "model": {"pretrained": "/weights/x.safetensors"}},
+        {"name": "fresh", "model": {"name": "cifar_resnet32", "pretrained": ""}},
     ]})
-    pre, tune, own = phase_configs(cfg)
+    pre, tune, own, fresh = phase_configs(cfg)
     assert [str(c.out_dir) for c in (pre, tune, own)] == ["/runs/r/pre", "/runs/r/tune", "/runs/r/own"]
     assert (pre.schedule.epochs, pre.optim.lr, pre.model.pretrained) == (3, 0.1, "")
     # The second phase starts from the first's run dir (its export); the merge is deep.
     assert (tune.schedule.epochs, tune.optim.lr, tune.optim.momentum) == (90, 0.01, 0.9)
     assert (tune.model.pretrained, tune.model.reset_classifier, tune.model.name) == ("/runs/r/pre", True, "cifar_resnet20")
-    assert own.model.pretrained == "/weights/x.safetensors"  # a phase may name its own start
-    assert all(c.phases == [] for c in (pre, tune, own))
+    assert own.model.pretrained == "/weights/x.safetensors"  # a phase may name its own start...
+    assert (fresh.model.pretrained, fresh.model.name) == ("", "cifar_resnet32")  # ...or none
+    assert all(c.phases == [] for c in (pre, tune, own, fresh))
 
 
 @pytest.mark.parametrize("phases, message", [
@@ -134,6 +136,7 @@ def test_resume_continues_in_the_first_unfinished_phase(tmp_path):
     assert resume_point([a, b, c], str(_checkpoint(b))) == (1, 7)
 
 
+@pytest.mark.slow
 def test_phases_in_distrain_train_and_resume(tmp_path, digits):
     phases = [{"name": "pre", "schedule": {"epochs": 1}},
               # LR 0: the parameters stay where the first phase left them, so the test can see where it started.

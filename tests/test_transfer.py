@@ -330,6 +330,7 @@ def test_a_pretrain_then_gradual_fine_tune_chain_on_two_ranks(tmp_path, digits):
     assert all(k.startswith(("fc.", "layers.8.")) for k in moved), sorted(moved)
 
 
+@pytest.mark.slow
 def test_gradual_unfreezing_with_layer_decay_resumes_exactly(tmp_path, digits):
     """Stopped between two unfreezings and resumed: the same weights as without the stop (the
     schedule is a function of the epoch; frozen blocks' dropped gradients leave no optimizer state)."""

@@ -16,6 +16,7 @@ from accelerate.utils import gather_object
 from torch import nn
 
 from distrain.data.device import ToDevice, prefetch_to_device
+from distrain.tricks.distill import agreement_hits
 
 
 def batch_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -37,33 +38,44 @@ def batch_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: Iterable[dict], to_device: ToDevice, accelerator: Accelerator
+    model: nn.Module, loader: Iterable[dict], to_device: ToDevice, accelerator: Accelerator,
+    reference: nn.Module | None = None,
 ) -> dict[str, float]:
     """Eval metrics of ``model`` over the whole eval set, identical on every rank.
 
+    Args:
+        reference: Another model (a distillation teacher) whose top-1 the model's is compared with.
+
     Returns:
         ``eval/loss``, ``eval/top1``, ``eval/top5`` (percent), ``eval/samples`` (counted) and
-        ``eval/skipped`` (unreadable samples left out).
+        ``eval/skipped`` (unreadable samples left out); with ``reference``, ``eval/agreement``:
+        the percentage of samples on which both models' top-1 agree.
     """
     was_training = model.training
     model.eval()
-    sums = torch.zeros(4, device=accelerator.device)
+    sums = torch.zeros(5, device=accelerator.device)
     skipped = 0
     for batch, images, labels in prefetch_to_device(loader, to_device):
-        sums += batch_sums(model(images), labels)
+        logits = model(images)
+        sums[:4] += batch_sums(logits, labels)
+        if reference is not None:
+            sums[4] += agreement_hits(logits, reference(images), labels)
         skipped += len(batch["bad"])
     sums = torch.cat([sums, torch.tensor([float(skipped)], device=sums.device)])
     sums = accelerator.reduce(sums, reduction="sum")
     model.train(was_training)
-    loss, top1, top5, n, skipped = sums.tolist()
+    loss, top1, top5, n, agree, skipped = sums.tolist()
     n = max(n, 1.0)
-    return {
+    metrics = {
         "eval/loss": loss / n,
         "eval/top1": 100 * top1 / n,
         "eval/top5": 100 * top5 / n,
         "eval/samples": int(n),
         "eval/skipped": int(skipped),
     }
+    if reference is not None:
+        metrics["eval/agreement"] = 100 * agree / n
+    return metrics
 
 
 @torch.no_grad()

@@ -40,7 +40,7 @@ from torch import nn
 from distrain.config import Config, dump, to_dict
 from distrain.data.device import ToDevice, prefetch_to_device
 from distrain.engine.build import eval_stream, loader, prepare_builtin, resolve_data, train_stream
-from distrain.engine.objective import Classification
+from distrain.engine.objective import Classification, make_objective
 from distrain.engine.phases import Phase, chain, resume_point
 from distrain.engine.step import finish_update, micro_batch
 from distrain.errors import BadDataError, DistrainError, NonFiniteStop, PeerLost, Preempted, RunStopped
@@ -284,7 +284,7 @@ def _train(phase: Phase, accelerator: Accelerator, signals: StopSignals, resume:
         fill_deepspeed_batch(cfg, accelerator, plan)
     rank = accelerator.process_index
     stream = train_stream(cfg, data, plan, accelerator)
-    objective = Classification(cfg, data.num_classes, plan, stream.batch_copies, fixres=phase.fixres)
+    objective = make_objective(cfg, data.num_classes, plan, stream.batch_copies, accelerator, phase.fixres)
 
     check_norm_runtime(cfg.model.norm, accelerator.device)
     model = objective.build_model()
@@ -298,7 +298,8 @@ def _train(phase: Phase, accelerator: Accelerator, signals: StopSignals, resume:
                          input_dtype(accelerator))
 
     # The precision that "auto" resolved to on this machine is what a resume must match.
-    state = TrainerState(config=_with_resolved_precision(to_dict(cfg), accelerator), plan=plan.as_dict())
+    state = TrainerState(config=_with_resolved_precision(to_dict(cfg), accelerator), plan=plan.as_dict(),
+                         teacher_sha256=objective.fingerprint)
     checkpoint = decided_by_main(accelerator, lambda: resolve_resume(resume, run_dir)) if resume else None
     if checkpoint is not None:
         state = _resume(accelerator, checkpoint, state, allow, ema, is_partitioned(unwrapped))
@@ -316,6 +317,10 @@ def _train(phase: Phase, accelerator: Accelerator, signals: StopSignals, resume:
         progress.write(f"distrain: model {described}")
         if objective.load_report is not None and checkpoint is None:
             progress.write(f"distrain: {objective.load_report}")
+    started_with = objective.start_metrics(eval_loader, to_device, accelerator)
+    if started_with:
+        logger.log(state.update, state.epoch, started_with)
+        progress.write("distrain: " + ", ".join(f"{k} {v:.2f}" for k, v in started_with.items() if k.endswith("top1")))
 
     started = time.perf_counter()
     eval_metrics: dict[str, float] = {}
@@ -381,6 +386,7 @@ def _train(phase: Phase, accelerator: Accelerator, signals: StopSignals, resume:
                     new_bad, stop = [], agreed.stop_ranks > 0
                 if state.update % cfg.train.log_every == 0 or stop:
                     values = _train_metrics(accelerator, window, plan, lr, grad_norm, state, stream.augment.size)
+                    values.update(objective.window_metrics(window.micro_batches, accelerator))
                     logger.log(state.update, state.epoch, values)
                     progress.update(
                         loss=f"{values['train/loss']:.4f}", lr=f"{lr:.4g}", img_s=f"{values['train/images_per_s']:.0f}"
@@ -463,6 +469,9 @@ def _resume(
     """
     saved = load_trainer_state(checkpoint)
     diffs = resume_differences(saved, fresh.config, fresh.plan)
+    if saved.teacher_sha256 != fresh.teacher_sha256:  # the same teacher path may hold other weights
+        diffs.append(f"distill.teacher weights: sha256 {saved.teacher_sha256[:12] or 'none'} -> "
+                     f"{fresh.teacher_sha256[:12] or 'none'}")
     if diffs and not allow:
         raise DistrainError(
             f"--resume {checkpoint}: settings differ from the checkpoint's ({'; '.join(diffs)}); "
@@ -471,7 +480,7 @@ def _resume(
     _load_checkpoint(accelerator, checkpoint, "--resume", ema, saved.ema_updates, partitioned)
     if any(d.startswith("plan ") for d in diffs):  # another batch plan: the position counts other batches
         saved.batch_in_epoch = rescale_position(saved, fresh.plan)
-    saved.config, saved.plan = fresh.config, fresh.plan
+    saved.config, saved.plan, saved.teacher_sha256 = fresh.config, fresh.plan, fresh.teacher_sha256
     return saved
 
 

@@ -14,7 +14,9 @@ signals; it calls the phase's objective at these points:
 - ``evaluate(model, loader, to_device, accelerator)``: eval metrics, each sample counted once.
 
 :class:`Classification` is supervised training on labels (the main phase, fine-tuning, linear
-probes, FixRes); later objectives (distillation, self-supervised) implement the same points.
+probes, FixRes); :class:`Distillation` adds a frozen teacher's outputs to the labels. Besides the
+points above, an objective gives the loop ``start_metrics(...)`` (logged once when the phase starts)
+and ``window_metrics(...)`` (merged into each logged training window).
 """
 
 from __future__ import annotations
@@ -30,8 +32,20 @@ from distrain.engine.build import build_model
 from distrain.engine.evaluate import evaluate
 from distrain.errors import DistrainError
 from distrain.models.pretrained import LoadReport, load_pretrained
+from distrain.parallel.deepspeed import input_dtype
 from distrain.parallel.rng import Owner, host_generator, numpy_generator
 from distrain.plan import BatchPlan
+from distrain.tricks.distill import (
+    TeacherView,
+    combine,
+    enable_distilled_training,
+    hard_distill_loss,
+    load_teacher,
+    soft_distill_loss,
+    split_heads,
+    teacher_fingerprint,
+    valid_rows,
+)
 from distrain.tricks.erasing import apply_erasing, erasing_boxes
 from distrain.tricks.fixres import freeze_for_fixres
 from distrain.tricks.mix import MixCut
@@ -51,6 +65,7 @@ class Classification:
 
     def __init__(self, cfg: Config, num_classes: int, plan: BatchPlan, batch_copies: int, fixres: bool = False):
         self.cfg, self.num_classes, self.fixres = cfg, num_classes, fixres
+        self.fingerprint = ""  # of the teacher's weights, checked on resume (Distillation)
         self.mixcut = _mixcut(cfg, num_classes, plan, batch_copies)
         # Label -1 marks a training batch the stream could not fill with any readable sample.
         self._loss = self.mixcut.loss if self.mixcut.enabled else nn.CrossEntropyLoss(
@@ -117,6 +132,79 @@ class Classification:
     def evaluate(self, model: nn.Module, loader, to_device: ToDevice, accelerator: Accelerator) -> dict[str, float]:
         return evaluate(model, loader, to_device, accelerator)
 
+    def start_metrics(self, loader, to_device: ToDevice, accelerator: Accelerator) -> dict[str, float]:
+        """Metrics to log once as the phase starts (none for plain classification)."""
+        return {}
+
+    def window_metrics(self, micro_batches: int, accelerator: Accelerator) -> dict[str, float]:
+        """Metrics of the training window since the last log, averaged over ranks (none here)."""
+        return {}
+
+
+class Distillation(Classification):
+    """Classification plus a frozen teacher: loss = (1 - alpha) x label loss + alpha x distillation loss.
+
+    The teacher is replicated on every rank, in the run's precision, outside the student: never
+    wrapped in DDP, never given to DeepSpeed (under ZeRO-3 too: its forward then runs no collective,
+    so no rank can wait for another inside it; it costs the teacher's memory on every device). It
+    sees exactly the micro-batch the student sees, after erasing and MixUp/CutMix (Beyer et al.
+    2022's consistent teaching): under hard distillation with mixing, the target is the teacher's
+    top-1 class for the mixed image. A timm distilled DeiT student learns from the labels on its
+    class head and from the teacher on its distillation head; eval averages the two (DeiT).
+
+    Args:
+        accelerator: The run's Accelerator: the teacher's device, dtype and autocast.
+        Others: as :class:`Classification`.
+    """
+
+    def __init__(self, cfg: Config, num_classes: int, plan: BatchPlan, batch_copies: int, accelerator: Accelerator,
+                 fixres: bool = False):
+        super().__init__(cfg, num_classes, plan, batch_copies, fixres)
+        d, self.accelerator = cfg.distill, accelerator
+        teacher = load_teacher(d.teacher, num_classes, accelerator.device, input_dtype(accelerator),
+                               d.teacher_model, d.teacher_kwargs)
+        if cfg.model.channels_last:
+            teacher = teacher.to(memory_format=torch.channels_last)
+        self.teacher = TeacherView(teacher, cfg.data.mean, cfg.data.std, d.teacher_mean, d.teacher_std,
+                                   d.teacher_resolution)
+        self.fingerprint = teacher_fingerprint(d.teacher)
+        self._parts = torch.zeros(2, device=accelerator.device)  # label and distillation loss sums
+
+    def build_model(self) -> nn.Module:
+        model = super().build_model()
+        if self.cfg.distill.alpha > 0:  # at 0 DeiT's distillation head would get no gradient (DDP refuses)
+            enable_distilled_training(model)
+        return model
+
+    def loss(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        d = self.cfg.distill
+        class_logits, distill_logits = split_heads(model(images))  # the same tensor for one-head students
+        label = self._loss(class_logits, targets)
+        with self.accelerator.autocast():  # the student's forward runs under it through prepare()
+            teacher_logits = self.teacher(images)
+        rows = valid_rows(targets)
+        if d.kind == "soft":
+            distill = soft_distill_loss(distill_logits, teacher_logits, d.temperature, rows)
+        else:
+            distill = hard_distill_loss(distill_logits, teacher_logits, self.cfg.train.label_smoothing, rows)
+        self._parts += torch.stack([label.detach().float(), distill.detach().float()])
+        return combine(label, distill, d.alpha)
+
+    def evaluate(self, model: nn.Module, loader, to_device: ToDevice, accelerator: Accelerator) -> dict[str, float]:
+        return evaluate(model, loader, to_device, accelerator, reference=self.teacher)
+
+    def start_metrics(self, loader, to_device: ToDevice, accelerator: Accelerator) -> dict[str, float]:
+        """The teacher's own eval metrics (``teacher/top1``...): a wrong teacher shows before hours are spent."""
+        if loader is None:
+            return {}
+        metrics = evaluate(self.teacher, loader, to_device, accelerator)
+        return {k.replace("eval/", "teacher/"): v for k, v in metrics.items() if k != "eval/skipped"}
+
+    def window_metrics(self, micro_batches: int, accelerator: Accelerator) -> dict[str, float]:
+        label, distill = accelerator.reduce(self._parts / max(micro_batches, 1), reduction="mean").tolist()
+        self._parts.zero_()
+        return {"train/loss_label": label, "train/loss_distill": distill}
+
 
 def _mixcut(cfg: Config, num_classes: int, plan: BatchPlan, copies: int) -> MixCut:
     """The run's MixUp/CutMix, pairing each image with a partner that is not one of its own copies.
@@ -133,3 +221,11 @@ def _mixcut(cfg: Config, num_classes: int, plan: BatchPlan, copies: int) -> MixC
             f"{plan.world_size} rank(s)), so every image would be mixed with its own copy; raise batch.per_device"
         )
     return mixcut
+
+
+def make_objective(cfg: Config, num_classes: int, plan: BatchPlan, batch_copies: int, accelerator: Accelerator,
+                   fixres: bool = False) -> Classification:
+    """The phase's objective: distillation when ``distill.teacher`` is set, else classification."""
+    if cfg.distill.teacher:
+        return Distillation(cfg, num_classes, plan, batch_copies, accelerator, fixres)
+    return Classification(cfg, num_classes, plan, batch_copies, fixres)

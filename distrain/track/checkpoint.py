@@ -57,6 +57,8 @@ class TrainerState:
         ema_updates: EMA updates made (the EMA weights are ``ema.safetensors``).
         early_stopping: The early-stopping counters (best value, evaluations since), so that a
             resumed run does not restart its patience.
+        teacher_sha256: The distillation teacher's weights (their sha256): a resume with other
+            weights at the same path is refused like any changed setting.
         config: The resolved config the run was started with.
         plan: The batch plan the run was started with.
     """
@@ -70,6 +72,7 @@ class TrainerState:
     eval: dict = field(default_factory=dict)
     ema_updates: int = 0
     early_stopping: dict = field(default_factory=dict)
+    teacher_sha256: str = ""
     config: dict = field(default_factory=dict)
     plan: dict = field(default_factory=dict)
 

@@ -20,7 +20,8 @@ def fixres_config(cfg: Config) -> Config:
     """The config of the FixRes phase of ``cfg``: its own run dir, LR and epochs, test-time crops.
 
     It starts from the exported weights of ``cfg``'s run. Per-sample and per-batch augmentation,
-    repeated augmentation, progressive resizing, EMA, transfer settings and early stopping are off;
+    repeated augmentation, progressive resizing, EMA, transfer settings, early stopping and
+    distillation are off;
     the batch, optimizer and label smoothing are the main run's.
     """
     d = to_dict(cfg)
@@ -29,6 +30,7 @@ def fixres_config(cfg: Config) -> Config:
     d["transfer"]["mode"] = "full"
     d["early_stopping"].update(patience=0, restore_best=False)
     d["fixres"]["epochs"] = 0  # this is the FixRes phase: none follows it
+    d["distill"]["teacher"] = ""
     d["data"].update(train_crop=cfg.data.eval_crop, train_resize=cfg.data.eval_resize, policy="none",
                      random_erasing=0.0, repeats=1)
     d["mix"].update(mixup_alpha=0.0, cutmix_alpha=0.0)
