@@ -258,8 +258,12 @@ def format_loader(result: dict) -> str:
 
 
 def bench_step(model_name: str = "resnet18", res: int = 64, batch: int = 32, updates: int = 30,
-               classes: int = 100) -> dict:
+               classes: int = 100, teacher: str = "") -> dict:
     """Seconds per optimizer update of distrain's step against a plain PyTorch loop, and the EMA's cost.
+
+    With ``teacher`` (a model name), a further variant adds distillation from that model (randomly
+    initialised: the cost does not depend on the weights) as the Distillation objective does it:
+    the teacher's forward under ``no_grad`` on the same batch and the soft loss.
 
     distrain's step is the loop's own code (:func:`~distrain.engine.step.micro_batch` inside
     ``accelerator.accumulate``, :func:`~distrain.engine.step.finish_update`, the device-side loss
@@ -303,12 +307,26 @@ def bench_step(model_name: str = "resnet18", res: int = 64, batch: int = 32, upd
     def loss_fn(logits, y):
         return F.cross_entropy(logits, y, label_smoothing=0.1)
 
+    def label_loss(m, x, y):
+        return loss_fn(m(x), y)
+
+    distill_loss = None
+    if teacher:
+        from distrain.config import ModelConfig
+        from distrain.tricks.distill import TeacherView, combine, soft_distill_loss
+
+        view = TeacherView(create_model(ModelConfig(name=teacher), classes).to(accelerator.device).requires_grad_(False),
+                           cfg.data.mean, cfg.data.std)
+
+        def distill_loss(m, x, y):
+            logits = m(x)
+            return combine(loss_fn(logits, y), soft_distill_loss(logits, view(x), 4.0), 0.5)
+
     loss_sum = torch.zeros((), device=accelerator.device)
 
-    def distrain_update(u: int, with_ema: bool) -> None:
+    def distrain_update(u: int, with_ema: bool, loss_of=label_loss) -> None:
         with accelerator.accumulate(model):
-            loss, _ = micro_batch(accelerator, model, optimizer, lambda m, x, y: loss_fn(m(x), y), images, targets,
-                                  lambda: 0.01)
+            loss, _ = micro_batch(accelerator, model, optimizer, loss_of, images, targets, lambda: 0.01)
             loss_sum.add_(loss)  # the loop's device-side window sum (read at log time, not timed here)
             finish_update(accelerator, model, optimizer, None, check_finite=True)
         if with_ema:
@@ -322,6 +340,8 @@ def bench_step(model_name: str = "resnet18", res: int = 64, batch: int = 32, upd
 
     variants = {"plain": plain_update, "distrain": lambda u: distrain_update(u, False),
                 "distrain_ema": lambda u: distrain_update(u, True)}
+    if distill_loss is not None:
+        variants["distrain_teacher"] = lambda u: distrain_update(u, False, distill_loss)
     for fn in variants.values():  # warm-up: allocator, autotuning, first-call costs
         fn(0)
     # Updates interleave one by one, in a rotating order, so that drift and bursts of other load hit
@@ -355,8 +375,8 @@ def bench_step(model_name: str = "resnet18", res: int = 64, batch: int = 32, upd
     base = per_update["plain"]
     return {
         "model": model_name, "res": res, "batch": batch, "updates": updates, "device": str(images.device),
-        "seconds_per_update": per_update,
-        "overhead": {"distrain": per_update["distrain"] / base - 1, "distrain_ema": per_update["distrain_ema"] / base - 1},
+        "teacher": teacher, "seconds_per_update": per_update,
+        "overhead": {k: v / base - 1 for k, v in per_update.items() if k != "plain"},
         "ema": {"update_s": ema_s, "floor_s": floor_s, "vs_floor": ema_s / floor_s,
                 "amortized": {"every_1": ema_s / base, "every_32": ema_s / 32 / base}},
     }
@@ -375,6 +395,8 @@ def format_step(r: dict) -> str:
         f"  plain PyTorch loop     {s['plain'] * 1e3:8.2f} ms/update",
         f"  distrain step          {s['distrain'] * 1e3:8.2f} ms/update  ({o['distrain']:+.1%} vs plain)",
         f"  distrain step + EMA    {s['distrain_ema'] * 1e3:8.2f} ms/update  ({o['distrain_ema']:+.1%} vs plain)",
+        *([f"  + teacher {r['teacher']:<12} {s['distrain_teacher'] * 1e3:8.2f} ms/update  "
+           f"({s['distrain_teacher'] / s['distrain']:.2f}x the distrain step)"] if r["teacher"] else []),
         f"  one EMA update         {e['update_s'] * 1e3:8.3f} ms  ({e['vs_floor']:.2f}x a foreach copy of the weights, "
         f"{e['floor_s'] * 1e3:.3f} ms)",
         f"  EMA amortized          every 1: {e['amortized']['every_1']:.2%} of a step; every 32: "

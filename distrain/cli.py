@@ -103,7 +103,9 @@ def _cmd_bench_step(args: argparse.Namespace) -> int:
     from distrain.models.factory import check_model_name
 
     check_model_name(args.model)
-    result = bench_step(args.model, args.res, args.batch, args.updates)
+    if args.teacher:
+        check_model_name(args.teacher)
+    result = bench_step(args.model, args.res, args.batch, args.updates, teacher=args.teacher)
     _print_bench(format_step(result), result, args.json)
     return 0
 
@@ -346,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--res", type=int, default=64)
     bs.add_argument("--batch", type=int, default=32)
     bs.add_argument("--updates", type=int, default=30, help="updates timed per variant (interleaved; median)")
+    bs.add_argument("--teacher", default="", help="also time the step with distillation from this model")
     bs.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     bs.set_defaults(func=_cmd_bench_step)
 

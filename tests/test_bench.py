@@ -56,10 +56,11 @@ def test_bench_loader_command(tmp_path):
 def test_bench_step_command(tmp_path):
     path = tmp_path / "step.json"
     out = checked(distrain(["bench", "step", "--model", "cifar_resnet20", "--res", "16", "--batch", "8",
-                            "--updates", "2", "--json", str(path)], cwd=tmp_path))
+                            "--updates", "2", "--teacher", "cifar_resnet32", "--json", str(path)], cwd=tmp_path))
     r = json.loads(path.read_text())
     s = r["seconds_per_update"]
-    assert set(s) == {"plain", "distrain", "distrain_ema"} and all(v > 0 for v in s.values())
+    assert set(s) == {"plain", "distrain", "distrain_ema", "distrain_teacher"} and all(v > 0 for v in s.values())
+    assert "+ teacher cifar_resnet32" in out.stdout
     assert r["overhead"]["distrain"] == pytest.approx(s["distrain"] / s["plain"] - 1)
     assert r["ema"]["vs_floor"] == pytest.approx(r["ema"]["update_s"] / r["ema"]["floor_s"])
     assert r["ema"]["amortized"]["every_32"] == pytest.approx(r["ema"]["amortized"]["every_1"] / 32)

@@ -233,21 +233,29 @@ def test_export_and_single_process_eval(runs):
 @pytest.mark.dist
 @pytest.mark.slow
 @pytest.mark.deepspeed
-def test_every_technique_under_zero3_through_distrain_launch(tmp_path, digits):
+def test_every_technique_under_zero3_through_distrain_launch(tmp_path, digits, runs):
     from test_recipe_dist import TECHNIQUES
 
     (tmp_path / "zero3.json").write_text(json.dumps(ZERO3_JSON))
-    cfg = recipe(tmp_path, digits, optim={"name": "sgd", "lr": 0.2, "base_batch": 64}, **{
-        **TECHNIQUES, "distributed": {"timeout_s": 120, "deepspeed_config": str(tmp_path / "zero3.json")}})
+    # Distillation too: the ZeRO-2 run above is the teacher, replicated outside DeepSpeed's engine.
+    teacher = runs["zero2"][2]
+    # And per-block LRs (layer decay, head scale) with gradual unfreezing: parameter groups held at LR 0
+    # inside DeepSpeed's flat partitions, no engine rebuilt.
+    cfg = recipe(tmp_path, digits, optim={"name": "sgd", "lr": 0.2, "base_batch": 64, "layer_decay": 0.9,
+                                          "head_lr_scale": 2.0}, **{
+        **TECHNIQUES, "distributed": {"timeout_s": 120, "deepspeed_config": str(tmp_path / "zero3.json")},
+        "distill": {"teacher": str(teacher), "alpha": 0.5, "temperature": 2.0},
+        "transfer": {"mode": "gradual", "unfreeze_every": 0.25}})
     proc = checked(distrain(["launch", cfg, "--nproc-per-node", "2", "--backend", "deepspeed", "--zero-stage", "3",
                              "--master-port", str(free_port())], cwd=tmp_path))
     assert "DeepSpeed ZeRO-3" in proc.stderr and "2 process(es) x 16 x 2 accumulation" in proc.stderr
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["updates"] == 25 and summary["replica_fingerprints"][0] == summary["replica_fingerprints"][1]
-    assert {"eval/top1", "eval/ema_top1"} <= summary.keys()
+    assert {"eval/top1", "eval/ema_top1", "eval/agreement"} <= summary.keys()
     train = [e for e in read_jsonl(run / "metrics.jsonl") if "train/loss" in e]
     assert [e["train/resolution"] for e in train] == [12] * 4 + [16]
+    assert all("train/loss_distill" in e for e in train)
     # The FixRes phase re-prepares a frozen model under ZeRO-3 and trains only what it adapts.
     fixres = json.loads((run / "fixres" / "summary.json").read_text())
     assert fixres["updates"] == 22 and fixres["replica_fingerprints"][0] == fixres["replica_fingerprints"][1]

@@ -426,6 +426,18 @@ def test_alpha_zero_trains_exactly_the_plain_run_and_alpha_half_logs_its_parts(t
     assert teacher_fingerprint(str(teacher_run)) == before  # the teacher's file is untouched
     assert not any("teacher" in k for k in load_file(soft / "model.safetensors"))  # not inside the student
 
+    # Stopped at update 20 and resumed: the same weights as the soft run, and the same losses in the
+    # log windows that the stop did not cut (a window restarts at a resume).
+    (tmp_path / "resumed").mkdir()
+    cfg = recipe(tmp_path / "resumed", digits, distill={"teacher": str(teacher_run), "alpha": 0.5,
+                                                         "temperature": 4.0}, **TINY)
+    checked(distrain(["train", cfg, "train.max_updates=20"], cwd=tmp_path / "resumed"))
+    checked(distrain(["train", cfg, "--resume", "auto"], cwd=tmp_path / "resumed"))
+    resumed = tmp_path / "resumed" / "run"
+    assert {k: v for k, v in _losses(resumed).items() if k != 22} == {k: v for k, v in _losses(soft).items() if k != 22}
+    a, b = load_file(soft / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
     # Other weights behind the same teacher path: resuming is refused like any changed setting.
     cfg = runs["soft"][0]
     other = tmp_path / "other-teacher"
