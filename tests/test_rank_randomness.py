@@ -20,6 +20,10 @@ def test_seeds_differ_by_rank_update_micro_batch_and_owner():
               micro_batch_seed(1, 0, 10, 0, Owner.MIX), micro_batch_seed(2**40, 0, 10, 0, Owner.MIX)]
     assert len({base, *others}) == 7
     assert base == micro_batch_seed(0, 0, 10, 0, Owner.MIX) and 0 <= base < 2**63
+    # A later phase (FixRes, a fine-tune) counts its updates from 0 again but draws anew; the first
+    # phase draws what a run without phases draws.
+    assert base == micro_batch_seed(0, 0, 10, 0, Owner.MIX, phase=0)
+    assert len({base, micro_batch_seed(0, 0, 10, 0, Owner.MIX, phase=1), micro_batch_seed(0, 0, 10, 0, Owner.MIX, phase=2)}) == 3
 
 
 def test_seed_layers_makes_dropout_masks_a_function_of_the_seed():

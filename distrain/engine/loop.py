@@ -340,7 +340,7 @@ def _train(phase: Phase, accelerator: Accelerator, signals: StopSignals, resume:
                 at_epoch = state.update / plan.updates_per_epoch
                 if micro == 0:  # also undoes the eval mode an evaluation leaves
                     objective.train_mode(model, unwrapped, at_epoch)
-                seed = functools.partial(micro_batch_seed, cfg.seed, rank, state.update, micro)  # (owner)
+                seed = functools.partial(micro_batch_seed, cfg.seed, rank, state.update, micro, phase=phase.index)
                 seed_layers(accelerator.device, seed(Owner.LAYERS))  # dropout, drop-path
                 images, targets, drawn = objective.augment(images, targets, seed)
                 if draws is not None:

@@ -27,12 +27,14 @@ class Phase:
         cfg: The phase's validated config; its run dir is the phase's directory.
         fixres: A FixRes phase: only the classifier and the adapted norm layers train.
         log_prefix: Prepended to the phase's W&B keys (one W&B run holds the whole chain).
+        index: Its place in the chain (part of its device-side seeds: see :mod:`distrain.parallel.rng`).
     """
 
     name: str
     cfg: Config
     fixres: bool = False
     log_prefix: str = ""
+    index: int = 0
 
 
 def chain(cfg: Config) -> list[Phase]:
@@ -42,9 +44,9 @@ def chain(cfg: Config) -> list[Phase]:
     for phase_cfg in phase_configs(cfg) or [cfg]:
         name = phase_cfg.out_dir.name if named else "main"
         prefix = f"{name}/" if named else ""
-        phases.append(Phase(name, phase_cfg, False, prefix))
+        phases.append(Phase(name, phase_cfg, False, prefix, len(phases)))
         if phase_cfg.fixres.epochs:
-            phases.append(Phase(prefix + "fixres", fixres_config(phase_cfg), True, prefix + "fixres/"))
+            phases.append(Phase(prefix + "fixres", fixres_config(phase_cfg), True, prefix + "fixres/", len(phases)))
     return phases
 
 

@@ -32,17 +32,21 @@ class Owner(enum.IntEnum):
     LAYERS = 3
 
 
-def micro_batch_seed(seed: int, rank: int, update: int, micro: int, owner: Owner) -> int:
+def micro_batch_seed(seed: int, rank: int, update: int, micro: int, owner: Owner, phase: int = 0) -> int:
     """A 63-bit seed for ``owner``'s draws on ``rank`` in micro-batch ``micro`` of update ``update``.
 
     Args:
         seed: The run seed (``cfg.seed``).
         rank: This process's global rank.
-        update: Optimizer updates done before this micro-batch (0-based).
+        update: Optimizer updates done before this micro-batch (0-based), counted within the phase.
         micro: Index of the micro-batch within its update (0 .. accumulation - 1).
         owner: Who draws.
+        phase: The phase's place in the run's chain: each phase counts its updates from 0, and must
+            not repeat the first phase's draws. The first phase's seeds are those of a run without phases.
     """
     words = [seed & 0xFFFFFFFF, seed >> 32, rank, update & 0xFFFFFFFF, update >> 32, micro, int(owner)]
+    if phase:
+        words.append(phase)
     return int(np.random.SeedSequence(words).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
