@@ -49,6 +49,20 @@ def distrain(args: list[str], cwd: Path, nproc: int = 1, timeout: int = 600) -> 
     return subprocess.run(cmd, cwd=cwd, env=run_env(cwd), capture_output=True, text=True, timeout=timeout)
 
 
+def torchrun_script(tmp: Path, name: str, source: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    """Write ``source`` to ``tmp/name`` and run it on ``nproc`` real gloo ranks under torchrun, in
+    ``tmp``; fails the test (with the output's tail) on a non-zero exit."""
+    script = tmp / name
+    script.write_text(source)
+    proc = subprocess.run(
+        [PYTHON, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
+         f"--master_port={free_port()}", str(script)],
+        cwd=tmp, env=run_env(tmp), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
 def spawn_ranks(args: list[str], cwd: Path, nproc: int = 2, env: dict | None = None) -> list[subprocess.Popen]:
     """Start ``nproc`` ranks of ``distrain ARGS`` without a launcher, so a test can signal or kill
     one rank and see what the others do on their own (as after a node failure)."""

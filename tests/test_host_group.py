@@ -7,14 +7,12 @@ which only a real, separate gloo group can produce the sums.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import free_port, run_env
+from conftest import torchrun_script
 
 from distrain.parallel.signals import Agreement, agree
 
@@ -48,14 +46,7 @@ drop_host_group()
 
 @pytest.mark.dist
 def test_agreement_sums_over_a_gloo_group_of_its_own(tmp_path: Path):
-    script = tmp_path / "agree.py"
-    script.write_text(SCRIPT)
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-         f"--master_port={free_port()}", str(script)],
-        cwd=tmp_path, env=run_env(tmp_path), capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    torchrun_script(tmp_path, "agree.py", SCRIPT)
     lines = [(tmp_path / f"agreed-{rank}.txt").read_text().split() for rank in (0, 1)]
     # Both ranks see rank 0's stop and 1 + 2 bad samples, then 5 + 5: sums, not the fake group's
     # no-op; one group made once, a gloo one.

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import free_port, run_env
+from conftest import torchrun_script
 from torch import nn
 from torchvision.ops import StochasticDepth
 
@@ -224,14 +222,7 @@ dist.destroy_process_group()
 
 @pytest.mark.dist
 def test_drop_path_under_ddp_uses_every_parameter(tmp_path: Path):
-    script = tmp_path / "ddp_drop_path.py"
-    script.write_text(DDP_SCRIPT)
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-         f"--master_port={free_port()}", str(script)],
-        cwd=tmp_path, env=run_env(tmp_path), capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    proc = torchrun_script(tmp_path, "ddp_drop_path.py", DDP_SCRIPT)
     for rank in (0, 1):
         for name in ("cifar_resnet20", "resnet18"):
             assert f"rank {rank} {name} ok" in proc.stdout

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import timm
 import torch
 import torchvision
-from conftest import free_port, run_env
+from conftest import torchrun_script
 from test_plan_schedule import cfg_with
 from torch import nn
 
@@ -247,14 +245,7 @@ dist.destroy_process_group()
 
 @pytest.mark.dist
 def test_gradual_unfreezing_under_ddp_needs_no_rebuild_and_keeps_replicas_equal(tmp_path: Path):
-    script = tmp_path / "gradual.py"
-    script.write_text(DDP_SCRIPT)
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-         f"--master_port={free_port()}", str(script)],
-        cwd=tmp_path, env=run_env(tmp_path), capture_output=True, text=True, timeout=300, check=False,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    torchrun_script(tmp_path, "gradual.py", DDP_SCRIPT)
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank0 == rank1  # same weights on both ranks
     assert rank0["moved"] == {"fc": 0, "layers.2": 2, "layers.1": 4}  # stem and layers.0 still frozen
