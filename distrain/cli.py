@@ -46,6 +46,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             resizes = [int(r) for r in args.resizes.split(",")] if args.resizes else []
         except ValueError:
             raise DistrainError(f"--resizes: expected comma-separated integers, got {args.resizes!r}") from None
+    if args.confusion and resizes is not None:
+        raise DistrainError("--confusion: not with a resize sweep (evaluate the picked resize on its own)")
     result = evaluate_checkpoint(args.target, args.overrides, resizes)
     if result is None:
         return 0
@@ -54,6 +56,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         result = {**result, "sweep": dataclasses.asdict(result["sweep"])}
     else:
         text = _format_eval(result)
+    if args.confusion:
+        from pathlib import Path
+
+        from distrain.track.confusion import plot_confusion
+
+        title = (f"{'/'.join(Path(result['checkpoint']).parts[-3:])}: top-1 {result['eval/top1']:.2f}%, "
+                 f"balanced {result['eval/balanced_top1']:.2f}% ({result['eval/samples']} samples)")
+        print(f"confusion: {plot_confusion(result['confusion'], result['classes'], args.confusion, title)}")
     print(json.dumps(result) if args.json else text)
     return 0
 
@@ -144,9 +154,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _format_eval(m: dict) -> str:
+    worst = m["eval/worst_class"]
+    worst = f"  worst class {m['classes'][worst]} {m['eval/worst_class_top1']:.2f}%" if worst >= 0 else ""
     return (
-        f"eval top-1 {m['eval/top1']:.2f}%  top-5 {m['eval/top5']:.2f}%  loss {m['eval/loss']:.4f}  "
-        f"({m['eval/samples']} samples, checkpoint {m['checkpoint']})"
+        f"eval top-1 {m['eval/top1']:.2f}%  balanced top-1 {m['eval/balanced_top1']:.2f}%  top-5 {m['eval/top5']:.2f}%  "
+        f"loss {m['eval/loss']:.4f}{worst}  ({m['eval/samples']} samples, checkpoint {m['checkpoint']})"
     )
 
 
@@ -157,9 +169,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     phases = phase_configs(cfg) or [cfg]
     world = args.nodes * args.gpus_per_node
-    plans = [make_plan(c, world, c.data.train_samples or _indexed_train_samples(c)) for c in phases]
+    # A resampled epoch's length comes from the index's class counts, so it needs the data.
+    plans = [make_plan(c, world, c.data.train_samples if c.data.train_samples and c.data.resample == "none"
+                       else _indexed_train_samples(c)) for c in phases]
     if args.json:
-        doc = plans[0].as_dict() if not cfg.phases else {c.out_dir.name: p.as_dict() for c, p in zip(phases, plans)}
+        docs = [{**p.as_dict(), "class_imbalance": _class_imbalance(_train_shards(c))} for c, p in zip(phases, plans)]
+        doc = docs[0] if not cfg.phases else {c.out_dir.name: d for c, d in zip(phases, docs)}
         print(json.dumps(doc, indent=1))
         return 0
     for i, (phase_cfg, plan) in enumerate(zip(phases, plans)):
@@ -186,7 +201,9 @@ def _plan_rows(cfg, plan, args: argparse.Namespace) -> list[tuple[str, object]]:
         ("per-device batch", plan.per_device),
         ("accumulation", plan.accumulation),
         ("global batch", plan.global_batch),
-        ("training samples", plan.train_samples),
+        ("training samples", plan.train_samples if cfg.data.resample == "none" else
+         f"{plan.train_samples} per epoch after data.resample: {cfg.data.resample}"),
+        *_imbalance_rows(_train_shards(cfg)),
         ("updates per epoch", plan.updates_per_epoch),
         ("samples per epoch", plan.samples_per_epoch),
         *([("distinct samples per epoch", f"{plan.unique_samples_per_epoch} ({plan.repeats} repeats)")]
@@ -240,14 +257,51 @@ def _plan_rows(cfg, plan, args: argparse.Namespace) -> list[tuple[str, object]]:
 
 
 def _indexed_train_samples(cfg) -> int:
+    from distrain.data.resample import epoch_samples
     from distrain.data.shards import resolve_shards
 
     if not cfg.data.train:
         raise DistrainError("data.train_samples: set it (or data.train) so the plan knows the dataset size")
     try:
-        return resolve_shards(cfg.data.train).total
+        return epoch_samples(resolve_shards(cfg.data.train), cfg.data.resample, cfg.data.repeat_threshold)
     except DistrainError as e:
+        if cfg.data.resample != "none":
+            raise DistrainError(f"{e} (data.resample sizes epochs from the shard index's class counts)") from None
         raise DistrainError(f"{e}; or set data.train_samples to plan without the data") from None
+
+
+def _train_shards(cfg):
+    """The training shard set, or None when data.train is unset or its index cannot be read."""
+    from distrain.data.shards import resolve_shards
+
+    if not cfg.data.train:
+        return None
+    try:
+        return resolve_shards(cfg.data.train)
+    except DistrainError:
+        return None  # the plan is for data not present here; other rows need only data.train_samples
+
+
+def _class_imbalance(shardset) -> dict | None:
+    """Largest and smallest class sizes in the shards' index and their ratio (None when a class has
+    no sample); None when the data or the index's class counts are missing."""
+    counts = shardset.class_counts if shardset is not None else ()
+    if not counts:
+        return None
+    largest, smallest = max(counts), min(counts)
+    return {"ratio": largest / smallest if smallest else None, "largest": largest, "smallest": smallest}
+
+
+def _imbalance_rows(shardset) -> list[tuple[str, str]]:
+    """The plan's class imbalance row: nothing without the data, a hint when its index lacks counts."""
+    if shardset is None:
+        return []
+    imbalance = _class_imbalance(shardset)
+    if imbalance is None:
+        dirs = " ".join(sorted({os.path.dirname(s.url) for s in shardset.shards if not s.class_counts}))
+        return [("class imbalance", f"unknown: run `distrain data index {dirs or 'DIR'}` to count classes")]
+    ratio = f"{imbalance['ratio']:.1f}" if imbalance["ratio"] is not None else "infinite"
+    return [("class imbalance", f"{ratio} ({imbalance['largest']} / {imbalance['smallest']} samples per class)")]
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
@@ -266,6 +320,8 @@ def _cmd_data(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             classes=args.classes.split(",") if args.classes else None,
             train_per_class=args.train_per_class,
+            imbalance_ratio=args.imbalance_ratio,
+            imbalance_seed=args.seed,
         )
     else:
         out = {"index": writer.index_shards(args.dir)}
@@ -312,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "on the other half")
     e.add_argument("--resizes", metavar="R1,R2,...", help="the resizes to sweep (implies --resize-sweep; default: "
                                                            "crop x 1.0 .. 1.28 and the configured resize)")
+    e.add_argument("--confusion", metavar="PNG", help="also draw the confusion matrix (rows: true class, normalised "
+                                                      "to 100%%) to this PNG; --json holds its raw counts")
     e.set_defaults(func=_cmd_eval)
 
     la = sub.add_parser("launch", help="start `distrain train` on N processes per node (and M nodes) through "
@@ -398,6 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--classes", help="comma-separated class folders to write (default: all)")
     f.add_argument("--train-per-class", type=int, default=0,
                    help="keep this many training images per class, chosen by --seed (default: all)")
+    f.add_argument("--imbalance-ratio", type=float, default=1.0, metavar="R",
+                   help="make the train split long-tailed (CIFAR-10-LT profile): class i keeps "
+                        "n_max * R^(-i/(C-1)) images, chosen by --seed (default 1: all)")
     ix = dsub.add_parser("index", help="write index.json for a directory of existing webdataset tars")
     ix.add_argument("dir")
     d.set_defaults(func=_cmd_data)

@@ -83,6 +83,15 @@ class DataConfig:
     them (each is replaced by a good sample of its batch), or stop the run at the first one."""
     max_bad_fraction: float = 0.01
     """Under ``skip``, stop once more than this fraction of the training samples seen were bad."""
+    resample: Literal["none", "class_balanced", "sqrt", "repeat_factor"] = "none"
+    """Class-aware resampling of each training epoch (needs class counts in the shard index):
+    ``class_balanced`` draws every class equally often, ``sqrt`` in proportion to the square root
+    of its size, ``repeat_factor`` repeats each sample of class c max(1, sqrt(t / f_c)) times (LVIS,
+    Gupta et al. 2019; f_c the fraction of samples in c, t = ``repeat_threshold``). A sample gets
+    the floor or the ceiling of its class's factor, drawn per epoch from the seed, so every class
+    gets exactly its share and every epoch has the same length."""
+    repeat_threshold: float = 0.001
+    """``t`` of ``resample: repeat_factor`` (detectron2's default)."""
 
 
 @dataclass
@@ -197,6 +206,24 @@ class TrainConfig:
     checkpoint of the last good state."""
     max_consecutive_skips: int = 20
     """Under ``skip``, stop as under ``stop`` after this many non-finite updates in a row."""
+
+
+@dataclass
+class LossConfig:
+    """Class-imbalance terms of the label loss (label smoothing is ``train.label_smoothing``)."""
+
+    class_weights: Literal["none", "inverse", "sqrt_inverse", "effective_number"] = "none"
+    """Per-class weights from the class counts: 1/n, 1/sqrt(n), or (1 - beta)/(1 - beta^n) (Cui et
+    al. 2019); normalised to average 1 over the classes."""
+    beta: float = 0.9999
+    """``beta`` of ``effective_number`` weights."""
+    reweight_epoch: float = 0.0
+    """Deferred re-weighting (DRW, Cao et al. 2019): class weights apply from this epoch on."""
+    focal_gamma: float = 0.0
+    """Focal loss (Lin et al. 2017): each sample's loss times (1 - p_t)^gamma; 0 is off."""
+    logit_adjust_tau: float = 0.0
+    """Logit-adjusted loss (Menon et al. 2021): tau x log(class prior) added to the logits in the
+    training loss only; 0 is off."""
 
 
 @dataclass
@@ -379,6 +406,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -609,6 +637,14 @@ def _check_values(cfg: Config) -> None:
         )
     if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
         raise DistrainError(f"data.max_bad_fraction: must be in [0, 1], got {cfg.data.max_bad_fraction}")
+    for key, v in (("data.repeat_threshold", cfg.data.repeat_threshold), ("loss.focal_gamma", cfg.loss.focal_gamma),
+                   ("loss.logit_adjust_tau", cfg.loss.logit_adjust_tau), ("loss.reweight_epoch", cfg.loss.reweight_epoch)):
+        if v < 0:
+            raise DistrainError(f"{key}: must be >= 0, got {v}")
+    if not 0.0 < cfg.loss.beta < 1.0:
+        raise DistrainError(f"loss.beta: must be in (0, 1), got {cfg.loss.beta}")
+    if cfg.loss.reweight_epoch and cfg.loss.class_weights == "none":
+        raise DistrainError("loss.reweight_epoch: defers class weights, but loss.class_weights is none")
     if not 0.0 <= cfg.train.label_smoothing < 1.0:
         raise DistrainError(f"train.label_smoothing: must be in [0, 1), got {cfg.train.label_smoothing}")
     if cfg.train.clip_grad_norm is not None and cfg.train.clip_grad_norm <= 0:

@@ -95,14 +95,15 @@ def _config(**early_stopping) -> Config:
     return cfg
 
 
+ALL = "eval/loss, eval/top1, eval/top5, eval/balanced_top1, eval/worst_class_top1"
+
+
 @pytest.mark.parametrize("settings, message", [
     ({"metric": "train/loss", "mode": "min"},
-     "early_stopping.metric: 'train/loss' is not an eval metric (one of eval/loss, eval/top1, eval/top5)"),
-    ({"metric": "eval/top2"},
-     "early_stopping.metric: this run never logs 'eval/top2' (it logs eval/loss, eval/top1, eval/top5)"),
+     "early_stopping.metric: 'train/loss' is not an eval metric (one of " + ALL + ")"),
+    ({"metric": "eval/top2"}, "early_stopping.metric: this run never logs 'eval/top2' (it logs " + ALL + ")"),
     ({"metric": "eval/ema_top1"},
-     ("early_stopping.metric: this run never logs 'eval/ema_top1' (it logs eval/loss, eval/top1, eval/top5; "
-      "eval/ema_* need ema.decay > 0)")),
+     "early_stopping.metric: this run never logs 'eval/ema_top1' (it logs " + ALL + "; eval/ema_* need ema.decay > 0)"),
     ({"metric": "eval/loss"},
      "early_stopping.mode: max for eval/loss, which improves downwards; set early_stopping.mode=min"),
     ({"mode": "min"}, "early_stopping.mode: min for eval/top1, which improves upwards; set early_stopping.mode=max"),

@@ -91,6 +91,9 @@ def test_wandb_offline_matches_metrics(full_run):
     logged = {}
     for row in run["history"]:
         logged.setdefault(row["_step"], {}).update({k: v for k, v in row.items() if not k.startswith("_")})
+    # The final eval's confusion matrix goes to W&B as an image (metrics.jsonl has no place for it).
+    image = {k: logged[max(logged)].pop(k) for k in list(logged[max(logged)]) if k.startswith("eval/confusion.")}
+    assert image["eval/confusion._type"] == "image-file" and image["eval/confusion.path"].endswith(".png")
     expected = {}
     for e in read_jsonl(tmp / "run" / "metrics.jsonl"):
         expected.setdefault(e["step"], {}).update({k: v for k, v in e.items() if k not in ("step", "epoch")})

@@ -55,6 +55,8 @@ def test_one_wandb_run_with_the_jsonl_values(two_rank_run):
     logged = {}
     for row in runs[0]["history"]:
         logged.setdefault(row["_step"], {}).update({k: v for k, v in row.items() if not k.startswith("_")})
+    image = {k: logged[max(logged)].pop(k) for k in list(logged[max(logged)]) if k.startswith("eval/confusion.")}
+    assert image["eval/confusion._type"] == "image-file"  # the final confusion matrix
     expected = {}
     for e in read_jsonl(tmp / "run" / "metrics.jsonl"):
         expected.setdefault(e["step"], {}).update({k: v for k, v in e.items() if k not in ("step", "epoch")})

@@ -65,6 +65,7 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from distrain.data.decode import IMAGE_EXTS, DecodeError, eval_sample, make_policy, train_sample
 from distrain.data.index import ShardSet
+from distrain.data.resample import Resampling
 from distrain.data.shards import Read, epoch_offset, reads_for_range, repeat_layout, shard_order, split_evenly
 from distrain.errors import DistrainError
 
@@ -175,7 +176,9 @@ def _transient(exc: Exception) -> bool:
     return isinstance(exc, TimeoutError) or (isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS)
 
 
-def read_samples(reads: list[Read], num_classes: int) -> Iterator[Sample]:
+def read_samples(
+    reads: list[Read], num_classes: int, copies: Callable[[str, int, int], int] | None = None
+) -> Iterator[Sample]:
     """One :class:`Sample` for each sample position the reads cover, in order, bad ones included.
 
     Exactly ``take`` records come out of each read whatever the shard holds, so that the batches
@@ -185,29 +188,47 @@ def read_samples(reads: list[Read], num_classes: int) -> Iterator[Sample]:
     error (EIO, a timeout, a reset connection, a stale NFS handle) reopens the shard after a short
     wait, skipping what was already yielded, up to :data:`READ_TRIES` opens in all.
 
+    Args:
+        copies: Class-aware resampling (:class:`distrain.data.resample.Resampling`):
+            ``copies(url, label, j)`` is how many adjacent positions the ``j``-th sample labelled
+            ``label`` in the shard fills (0 drops it); a bad sample fills one. The reads' ``skip``
+            and ``take`` then count these positions.
+
     Raises:
         StreamError: any other error, e.g. a permission error: it is not bad data, and is not
             retried.
     """
     for r in reads:
-        yield from _read_one(r, num_classes)
+        yield from _read_one(r, num_classes, copies)
 
 
-def _read_one(r: Read, num_classes: int) -> Iterator[Sample]:
-    n, key = 0, ""  # samples of the read yielded so far, and the last one's key
+def _read_one(r: Read, num_classes: int, copies: Callable[[str, int, int], int] | None) -> Iterator[Sample]:
+    n, key = 0, ""  # positions of the read yielded so far, and the last sample's key
     for attempt in range(READ_TRIES):
-        seen = 0
+        seen = 0  # positions of the shard walked in this attempt
+        by_label: dict[int, int] = {}  # samples of each label met so far in the shard
         try:
             stream = gopen(r.url)
             try:
                 files = ({**f, "__url__": r.url} for f in tar_file_iterator(stream))
                 for sample in group_by_keys(files):
-                    seen += 1
+                    k = 1
+                    if copies is not None:
+                        checked = _checked(r.url, sample, num_classes)
+                        if not checked.bad:
+                            j = by_label.get(checked.label, 0)
+                            by_label[checked.label] = j + 1
+                            k = copies(r.url, checked.label, j)
+                    first, seen = seen, seen + k
                     if seen <= r.skip + n:
                         continue
                     key = sample["__key__"]
-                    yield _checked(r.url, sample, num_classes)
-                    n += 1
+                    record = checked if copies is not None else _checked(r.url, sample, num_classes)
+                    for _ in range(seen - max(first, r.skip + n)):
+                        yield record
+                        n += 1
+                        if n == r.take:
+                            break
                     if n == r.take:
                         break
             finally:
@@ -289,6 +310,8 @@ class ShardStream(IterableDataset):
         repeats: Training only: augmented copies of each sample per step (repeated augmentation,
             see :func:`distrain.data.shards.repeat_layout`); an epoch then holds
             ``1 / repeats`` as many distinct samples.
+        resampling: Training only: class-aware resampling; each epoch reads its expansion of the
+            shards (:class:`distrain.data.resample.Resampling`) instead of the shards themselves.
     """
 
     def __init__(
@@ -305,21 +328,24 @@ class ShardStream(IterableDataset):
         batches_per_epoch: int = 0,
         shuffle_block: int = 1024,
         repeats: int = 1,
+        resampling: Resampling | None = None,
     ):
         super().__init__()
         self.shards, self.rank, self.world_size = shards, rank, world_size
         self.batch_size, self.seed, self.num_classes = batch_size, seed, num_classes
         self.augment, self.eval_resize, self.shuffle_block = augment, eval_resize, shuffle_block
+        self.resampling = resampling
         if augment is None:
             per_rank = math.ceil(shards.total / world_size)
             self.batches_per_epoch = math.ceil(per_rank / batch_size)
         else:
             self.rank_copies, self.batch_copies = repeat_layout(repeats, world_size, batch_size)
             unique = batches_per_epoch * batch_size * world_size // repeats
-            if unique > shards.total:
+            total = resampling.total if resampling else shards.total
+            if unique > total:
                 raise DistrainError(
                     f"{batches_per_epoch} batches of {batch_size} on {world_size} ranks need more than the "
-                    f"{shards.total} samples in the shards"
+                    f"{total} samples in the {'resampled epoch' if resampling else 'shards'}"
                 )
             self.batches_per_epoch = batches_per_epoch
         self.epoch = 0
@@ -350,15 +376,18 @@ class ShardStream(IterableDataset):
             yield from self._train_batches(b0, b1, done, worker)
 
     def _train_batches(self, b0: int, b1: int, done: int, worker: int) -> Iterator[dict]:
-        order = shard_order(self.shards, self.seed, self.epoch, shuffle=True)
+        shards, copies = self.shards, None
+        if self.resampling is not None:
+            shards, copies = self.resampling.epoch_shards(self.epoch), self.resampling.copies(self.epoch)
+        order = shard_order(shards, self.seed, self.epoch, shuffle=True)
         # Ranks of one repeat group read the same range in the same order; each batch holds
         # `unique` samples, each `batch_copies` times.
         group, unique = self.rank // self.rank_copies, self.batch_size // self.batch_copies
         start = (group * self.batches_per_epoch + b0) * unique
         count = (b1 - b0) * unique
         used = self.world_size // self.rank_copies * self.batches_per_epoch * unique
-        offset = epoch_offset(self.seed, self.epoch, self.shards.total, used)
-        samples = read_samples(reads_for_range(order, offset + start, count), self.num_classes)
+        offset = epoch_offset(self.seed, self.epoch, shards.total, used)
+        samples = read_samples(reads_for_range(order, offset + start, count), self.num_classes, copies)
         samples = block_shuffle(samples, self.shuffle_block, [self.seed, self.epoch, start], done * unique)
         a = self.augment
         policy = make_policy(a.policy, a.randaugment_ops, a.randaugment_magnitude)

@@ -12,11 +12,13 @@ by key; :class:`webdataset.TarWriter` writes a sample's members together.
 from __future__ import annotations
 
 import io
+import math
 import os
 import random
 import re
 import sys
 import tarfile
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from tqdm import tqdm
 from webdataset.tariterators import base_plus_ext
 
 from distrain.data.decode import IMAGE_EXTS
-from distrain.data.index import INDEX_NAME, write_index
+from distrain.data.index import INDEX_NAME, read_index, write_index
 from distrain.errors import DistrainError
 
 _FOLDER_SUFFIXES = {"." + ext for ext in IMAGE_EXTS}
@@ -55,9 +57,9 @@ def write_shard_set(
     """Write samples as webdataset tars ``<prefix>-000000.tar``, ... plus their index.
 
     Each sample becomes the members ``<key>.<ext>`` (the image bytes exactly as given) and
-    ``<key>.cls`` (the label in ASCII decimal). Each tar is written under a temporary name and
-    renamed once complete, and the index is written last, so an interrupted run never leaves a
-    shard set that looks complete.
+    ``<key>.cls`` (the label in ASCII decimal). The index records each shard's samples per label.
+    Each tar is written under a temporary name and renamed once complete, and the index is written
+    last, so an interrupted run never leaves a shard set that looks complete.
 
     Args:
         samples: ``(key, image_bytes, ext, label)`` tuples in the order to store them. Keys must
@@ -85,6 +87,7 @@ def write_shard_set(
     _prepare_out_dir(out_dir, overwrite)
 
     shards: list[tuple[str, int]] = []
+    class_counts: list[list[int]] = []
     seen: set[str] = set()
     writer: _ShardFile | None = None
     bar = _bar(total=total, desc=f"writing {prefix}", progress=progress)
@@ -93,7 +96,9 @@ def write_shard_set(
             _check_sample(key, ext, label, len(classes), seen)
             if writer is None:
                 writer = _ShardFile(out_dir / f"{prefix}-{len(shards):06d}.tar")
+                class_counts.append([0] * len(classes))
             writer.write({"__key__": key, ext: data, "cls": str(label).encode("ascii")})
+            class_counts[-1][label] += 1
             bar.update()
             if writer.count == samples_per_shard:
                 shards.append(writer.finish())
@@ -107,7 +112,7 @@ def write_shard_set(
             writer.abandon()
     if not shards:
         raise DistrainError(f"{out_dir}: no samples to write")
-    write_index(out_dir, shards, classes)
+    write_index(out_dir, shards, classes, class_counts)
     return out_dir
 
 
@@ -242,6 +247,8 @@ def write_folder(
     progress: bool = True,
     classes: list[str] | None = None,
     train_per_class: int = 0,
+    imbalance_ratio: float = 1.0,
+    imbalance_seed: int = 0,
 ) -> dict[str, Path]:
     """Write a class-per-folder image tree as shard sets.
 
@@ -268,17 +275,30 @@ def write_folder(
             order. None: all of them. Transfer experiments use disjoint class sets.
         train_per_class: Keep this many images of each class in the ``train`` split (a random
             choice by ``shuffle_seed``, or the first in sorted order): few-label fine-tuning. 0 keeps all.
+        imbalance_ratio: Make the ``train`` split long-tailed, after ``train_per_class``: class
+            ``i`` (label order) keeps ``long_tail_counts(n_max, len(classes), imbalance_ratio)[i]``
+            images, ``n_max`` being the largest class's count, or all it has if fewer. Other splits
+            stay balanced. 1 keeps all.
+        imbalance_seed: Which images a class keeps under ``imbalance_ratio``: the first ones of a
+            permutation of its sorted files drawn for (seed, label), whatever the shuffle. One
+            permutation serves every ratio, so a larger ratio keeps a subset of a smaller one's.
 
     Raises:
         DistrainError: ``src`` is missing or has no class folders, a class folder has no images,
             a split has a class folder the first split lacks, an image is unreadable or neither
-            JPEG, PNG nor WebP, or ``out`` is not empty and ``overwrite`` is off.
+            JPEG, PNG nor WebP, ``out`` is not empty and ``overwrite`` is off, or
+            ``imbalance_ratio`` is below 1, leaves a class no training image or has no ``train``
+            split to apply to.
     """
+    if not 1 <= imbalance_ratio < math.inf:
+        raise DistrainError(f"--imbalance-ratio: must be a number >= 1, got {imbalance_ratio:g}")
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise DistrainError(f"{src}: no such directory")
     _refuse_non_empty(out, overwrite)
     splits = {name: src / name for name in _SPLITS if _class_dirs(src / name)} or {"train": src}
+    if imbalance_ratio != 1 and "train" not in splits:
+        raise DistrainError(f"--imbalance-ratio: {src} has no train split to make long-tailed")
     first = next(iter(splits))
     found = [d.name for d in _class_dirs(splits[first])]
     if not found:
@@ -299,6 +319,8 @@ def write_folder(
             random.Random(shuffle_seed).shuffle(items)
         if split == "train" and train_per_class:
             items = _first_per_class(items, train_per_class)
+        if split == "train" and imbalance_ratio != 1:
+            items = _long_tailed(items, classes, imbalance_ratio, imbalance_seed)
         result[split] = write_shard_set(
             ((key, path.read_bytes(), ext, label) for key, path, ext, label in items),
             out / split,
@@ -327,6 +349,42 @@ def _first_per_class(items: list[tuple[str, Path, str, int]], n: int) -> list[tu
         if seen[item[3]] <= n:
             kept.append(item)
     return kept
+
+
+def long_tail_counts(n_max: int, num_classes: int, ratio: float) -> list[int]:
+    """Samples per class of an exponentially long-tailed set (Cao et al. 2019; Cui et al. 2019).
+
+    Class ``i`` keeps ``floor(n_max * ratio ** (-i / (num_classes - 1)))``: ``n_max`` for the first
+    class down to ``n_max / ratio`` for the last. Computed as CIFAR-10-LT's reference code does
+    (``n_max * (1 / ratio) ** (i / (C - 1))``), so that the sizes match the published splits
+    exactly: 5000, 2997, ..., 83, 50 for ratio 100.
+    """
+    if num_classes == 1:
+        return [n_max]
+    return [int(n_max * (1 / ratio) ** (i / (num_classes - 1))) for i in range(num_classes)]
+
+
+def _long_tailed(
+    items: list[tuple[str, Path, str, int]], classes: list[str], ratio: float, seed: int
+) -> list[tuple[str, Path, str, int]]:
+    """The items that :func:`long_tail_counts` keeps of each label, in the items' order."""
+    by_label: dict[int, list[Path]] = {}
+    for _, path, _, label in items:
+        by_label.setdefault(label, []).append(path)
+    n_max = max(len(paths) for paths in by_label.values())
+    kept: set[Path] = set()
+    for label, n in enumerate(long_tail_counts(n_max, len(classes), ratio)):
+        if n == 0:
+            raise DistrainError(
+                f"--imbalance-ratio: {ratio:g} leaves class {classes[label]} no training image "
+                f"(the largest class has {n_max})"
+            )
+        # Not the first n files: names often follow capture time or source, so a prefix would be a
+        # biased sample. A string seed gives each (seed, label) its own stream, stable across runs.
+        paths = sorted(by_label.get(label, []))
+        random.Random(f"long-tail {seed} {label}").shuffle(paths)
+        kept.update(paths[:n])
+    return [item for item in items if item[1] in kept]
 
 
 def _scan_split(
@@ -392,27 +450,31 @@ def index_shards(directory: str | Path, *, classes: list[str] | None = None) -> 
     """Write ``index.json`` for a directory of existing webdataset tars.
 
     Counts the samples of each ``*.tar`` (in sorted name order) as the distinct keys that have a
-    ``.cls`` member, splitting member names into key and extension the way webdataset does.
+    ``.cls`` member, splitting member names into key and extension the way webdataset does, and
+    the samples of each label among them.
 
     Args:
         directory: Directory holding the tars.
-        classes: Class names; defaults to ``"0"``, ``"1"``, ... up to the largest label found.
+        classes: Class names; defaults to those of the index already in ``directory`` (re-indexing
+            adds class counts to an older index without losing its names), else ``"0"``, ``"1"``,
+            ... up to the largest label found.
 
     Returns:
         The path of the index.
 
     Raises:
-        DistrainError: No tars in ``directory``, an unreadable tar or ``.cls`` member, or a label
-            outside ``classes``.
+        DistrainError: No tars in ``directory``, an unreadable tar or ``.cls`` member (or a negative
+            label), or a label outside ``classes``.
     """
     directory = Path(directory)
     tars = sorted(directory.glob("*.tar")) if directory.is_dir() else []
     if not tars:
         raise DistrainError(f"{directory}: no .tar shards to index")
     shards = []
+    labels: list[Counter] = []
     max_label = -1
     for path in tars:
-        keys: set[str] = set()
+        keys: dict[str, int] = {}
         try:
             with tarfile.open(path, "r|*") as tar:
                 for member in tar:
@@ -420,15 +482,30 @@ def index_shards(directory: str | Path, *, classes: list[str] | None = None) -> 
                     if not member.isreg() or key is None or ext.lower() != "cls":
                         continue
                     label = int(tar.extractfile(member).read().decode("ascii").strip())
-                    keys.add(key)
+                    if label < 0:
+                        raise ValueError(f"{member.name}: negative label {label}")
+                    keys[key] = label
                     max_label = max(max_label, label)
         except (tarfile.TarError, OSError, ValueError) as e:
             raise DistrainError(f"{path}: unreadable shard ({_one_line(e)})") from None
         shards.append((path.name, len(keys)))
+        labels.append(Counter(keys.values()))
+    given = classes is not None
     if classes is None:
-        classes = [str(i) for i in range(max_label + 1)]
-    elif max_label >= len(classes):
+        classes = _indexed_classes(directory) or [str(i) for i in range(max_label + 1)]
+    if max_label >= len(classes):
         raise DistrainError(
-            f"{directory}: label {max_label} found but only {len(classes)} classes given"
+            f"{directory}: label {max_label} found but only {len(classes)} classes given" if given else
+            f"{directory}: label {max_label} found but {INDEX_NAME} names only {len(classes)} classes "
+            "(delete it to index with numbered classes)"
         )
-    return write_index(directory, shards, classes)
+    counts = [[c[i] for i in range(len(classes))] for c in labels]
+    return write_index(directory, shards, classes, counts)
+
+
+def _indexed_classes(directory: Path) -> list[str] | None:
+    """The class names of the index already in ``directory``; None without a readable one."""
+    try:
+        return list(read_index(directory).get("classes", ())) or None
+    except DistrainError:
+        return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from torch import nn
@@ -12,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from distrain.config import Config
 from distrain.data.index import ShardSet
+from distrain.data.resample import Resampling
 from distrain.data.shards import resolve_shards
 from distrain.data.stream import Augment, EvalResize, ShardStream, make_loader
 from distrain.errors import DistrainError
@@ -22,11 +24,24 @@ from distrain.plan import BatchPlan
 
 @dataclass
 class DataSets:
-    """The resolved shard sets of a run and its number of classes."""
+    """The resolved shard sets of a run, its number of classes and its class-aware resampling."""
 
     train: ShardSet
     eval: ShardSet | None
     num_classes: int
+    resampling: Resampling | None = None
+
+    @property
+    def epoch_samples(self) -> int:
+        """Training samples per epoch: the shards', or their resampled expansion's."""
+        return self.resampling.total if self.resampling else self.train.total
+
+    def class_frequencies(self) -> np.ndarray | None:
+        """Samples of each class per epoch as trained (after resampling); None when the index lacks counts."""
+        counts = self.resampling.class_frequencies() if self.resampling else np.asarray(self.train.class_counts)
+        if counts.size == 0:
+            return None
+        return np.pad(counts.astype(np.int64), (0, max(0, self.num_classes - counts.size)))[: self.num_classes]
 
 
 def prepare_builtin(cfg: Config, accelerator: Accelerator) -> None:
@@ -58,7 +73,10 @@ def resolve_data(cfg: Config) -> DataSets:
         raise DistrainError(
             f"data.num_classes: {cfg.data.num_classes} is less than the {len(train.classes)} classes in the index"
         )
-    return DataSets(train, evalset, num_classes)
+    resampling = None
+    if cfg.data.resample != "none":
+        resampling = Resampling(train, cfg.data.resample, cfg.data.repeat_threshold, cfg.seed)
+    return DataSets(train, evalset, num_classes, resampling)
 
 
 def train_stream(cfg: Config, data: DataSets, plan: BatchPlan, accelerator: Accelerator) -> ShardStream:
@@ -76,6 +94,7 @@ def train_stream(cfg: Config, data: DataSets, plan: BatchPlan, accelerator: Acce
         batches_per_epoch=plan.micro_batches_per_epoch,
         shuffle_block=d.shuffle_block,
         repeats=d.repeats,
+        resampling=data.resampling,
     )
 
 

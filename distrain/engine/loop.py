@@ -71,6 +71,7 @@ from distrain.track.checkpoint import (
     resume_differences,
     save_checkpoint,
 )
+from distrain.track.confusion import EVAL_DIR, plot_confusion, write_confusion
 from distrain.track.draws import DrawLog
 from distrain.track.lock import RunLock
 from distrain.track.metrics import MetricsLogger
@@ -182,8 +183,10 @@ class _Run:
     updates (synchronise, evaluate, checkpoint, export)."""
 
     def __init__(self, cfg: Config, accelerator: Accelerator, model: nn.Module, optimizer, ema: EMA | None,
-                 state: TrainerState, objective: Classification, to_device: ToDevice, eval_loader):
+                 state: TrainerState, objective: Classification, to_device: ToDevice, eval_loader,
+                 eval_classes: tuple[str, ...] = ()):
         self.cfg, self.accelerator, self.model, self.optimizer, self.ema = cfg, accelerator, model, optimizer, ema
+        self.eval_classes = eval_classes
         self.unwrapped = accelerator.unwrap_model(model)
         self.state, self.objective, self.to_device, self.eval_loader = state, objective, to_device, eval_loader
         es = cfg.early_stopping
@@ -232,6 +235,7 @@ class _Run:
         return best
 
     def evaluate(self) -> dict[str, float]:
+        """The eval metrics (rank 0 also writes the confusion matrix to ``RUN_DIR/eval/``)."""
         self.sync_state()
         metrics = self.objective.evaluate(self.model, self.eval_loader, self.to_device, self.accelerator)
         if self.ema is not None:
@@ -239,6 +243,10 @@ class _Run:
                 averaged = self.objective.evaluate(self.model, self.eval_loader, self.to_device, self.accelerator)
             for key in ("eval/top1", "eval/top5", "eval/loss"):
                 metrics[key.replace("eval/", "eval/ema_")] = averaged[key]
+        confusion = getattr(metrics, "confusion", None)
+        if confusion is not None and self.accelerator.is_main_process:
+            write_confusion(self.cfg.out_dir, self.state.update, self.state.epoch, metrics, confusion,
+                            self.eval_classes)
         return metrics
 
     def export(self) -> None:
@@ -278,13 +286,14 @@ def _train(phase: Phase, accelerator: Accelerator, signals: StopSignals, resume:
     set_seed(cfg.seed, deterministic=cfg.deterministic)
     prepare_builtin(cfg, accelerator)
     data = resolve_data(cfg)
-    plan = make_plan(cfg, accelerator.num_processes, data.train.total)
+    plan = make_plan(cfg, accelerator.num_processes, data.epoch_samples)
     accelerator.gradient_accumulation_steps = plan.accumulation
     if accelerator.state.deepspeed_plugin is not None:
         fill_deepspeed_batch(cfg, accelerator, plan)
     rank = accelerator.process_index
     stream = train_stream(cfg, data, plan, accelerator)
-    objective = make_objective(cfg, data.num_classes, plan, stream.batch_copies, accelerator, phase.fixres)
+    objective = make_objective(cfg, data.num_classes, plan, stream.batch_copies, accelerator, phase.fixres,
+                               data.class_frequencies())
 
     check_norm_runtime(cfg.model.norm, accelerator.device)
     model = objective.build_model()
@@ -308,7 +317,8 @@ def _train(phase: Phase, accelerator: Accelerator, signals: StopSignals, resume:
     eval_loader = None
     if data.eval is not None:
         eval_loader = loader(cfg, eval_stream(cfg, data.eval, rank, accelerator.num_processes, data.num_classes))
-    run = _Run(cfg, accelerator, model, optimizer, ema, state, objective, to_device, eval_loader)
+    run = _Run(cfg, accelerator, model, optimizer, ema, state, objective, to_device, eval_loader,
+               (data.eval.classes or data.train.classes) if data.eval is not None else ())
     logger = MetricsLogger(accelerator, cfg, run_dir, phase.log_prefix, step_offset, wandb_dir)
     last_update = min(plan.total_updates, cfg.train.max_updates or plan.total_updates)
     progress = Progress(last_update, state.update, enabled=accelerator.is_main_process and cfg.logging.progress)
@@ -416,6 +426,11 @@ def _train(phase: Phase, accelerator: Accelerator, signals: StopSignals, resume:
         if eval_loader is not None and evaluated_at != state.update:
             eval_metrics = state.eval = run.evaluate()
             logger.log(state.update, state.epoch, eval_metrics)
+        confusion = getattr(eval_metrics, "confusion", None)
+        if logger.has_wandb and confusion is not None:
+            png = plot_confusion(confusion, run.eval_classes, cfg.out_dir / EVAL_DIR / "confusion.png",
+                                 title=f"{cfg.name}: update {state.update}")
+            logger.log_image(state.update, "eval/confusion", png)
         if saved_at != state.update:
             run.save()
         restored = run.restore_best() if cfg.early_stopping.restore_best else None

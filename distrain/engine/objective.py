@@ -21,6 +21,7 @@ and ``window_metrics(...)`` (merged into each logged training window).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from torch import nn
@@ -35,6 +36,7 @@ from distrain.models.pretrained import LoadReport, load_pretrained
 from distrain.parallel.deepspeed import input_dtype
 from distrain.parallel.rng import Owner, host_generator, numpy_generator
 from distrain.plan import BatchPlan
+from distrain.tricks import imbalance
 from distrain.tricks.distill import (
     TeacherView,
     combine,
@@ -53,7 +55,8 @@ from distrain.tricks.transfer import freeze_for_linear_probe, gradual_train_mode
 
 
 class Classification:
-    """Supervised classification: cross-entropy on labels (label smoothing, MixUp/CutMix targets).
+    """Supervised classification: cross-entropy on labels (label smoothing, MixUp/CutMix targets),
+    with the class-imbalance terms of ``loss.*`` when any is on.
 
     Args:
         cfg: The phase's config.
@@ -61,15 +64,23 @@ class Classification:
         plan: The phase's batch plan.
         batch_copies: Adjacent copies of each sample in a micro-batch (repeated augmentation).
         fixres: This is a FixRes phase: only the classifier and the adapted norm layers train.
+        frequencies: Samples of each class per epoch as trained (class weights, logit adjustment);
+            None when the shard index has no class counts.
     """
 
-    def __init__(self, cfg: Config, num_classes: int, plan: BatchPlan, batch_copies: int, fixres: bool = False):
+    def __init__(self, cfg: Config, num_classes: int, plan: BatchPlan, batch_copies: int, fixres: bool = False,
+                 frequencies: np.ndarray | None = None):
         self.cfg, self.num_classes, self.fixres = cfg, num_classes, fixres
         self.fingerprint = ""  # of the teacher's weights, checked on resume (Distillation)
         self.mixcut = _mixcut(cfg, num_classes, plan, batch_copies)
-        # Label -1 marks a training batch the stream could not fill with any readable sample.
-        self._loss = self.mixcut.loss if self.mixcut.enabled else nn.CrossEntropyLoss(
-            label_smoothing=cfg.train.label_smoothing, ignore_index=PAD_LABEL)
+        self._imbalance = None
+        if imbalance.enabled(cfg.loss):
+            self._imbalance = imbalance.make_loss(cfg.loss, frequencies, cfg.train.label_smoothing, str(cfg.data.train))
+            self._loss = self._imbalance
+        else:
+            # Label -1 marks a training batch the stream could not fill with any readable sample.
+            self._loss = self.mixcut.loss if self.mixcut.enabled else nn.CrossEntropyLoss(
+                label_smoothing=cfg.train.label_smoothing, ignore_index=PAD_LABEL)
         self._training: list[nn.Module] | None = None  # only these train (FixRes, linear probe); None: all
         self._unfreeze: dict[nn.Module, float] | None = None  # gradual unfreezing: module -> epoch
         self.load_report: LoadReport | None = None
@@ -98,8 +109,10 @@ class Classification:
 
         Args:
             wrapper: The prepared (DDP, DeepSpeed) model; ``model``: the module inside it.
-            epoch: Where the coming update is, in epochs (gradual unfreezing).
+            epoch: Where the coming update is, in epochs (gradual unfreezing, deferred re-weighting).
         """
+        if self._imbalance is not None:
+            self._imbalance.set_epoch(epoch)
         if self._training is not None:
             train_only(wrapper, model, self._training)
         elif self._unfreeze is not None:
@@ -158,8 +171,8 @@ class Distillation(Classification):
     """
 
     def __init__(self, cfg: Config, num_classes: int, plan: BatchPlan, batch_copies: int, accelerator: Accelerator,
-                 fixres: bool = False):
-        super().__init__(cfg, num_classes, plan, batch_copies, fixres)
+                 fixres: bool = False, frequencies: np.ndarray | None = None):
+        super().__init__(cfg, num_classes, plan, batch_copies, fixres, frequencies)
         d, self.accelerator = cfg.distill, accelerator
         teacher = load_teacher(d.teacher, num_classes, accelerator.device, input_dtype(accelerator),
                                d.teacher_model, d.teacher_kwargs)
@@ -224,8 +237,12 @@ def _mixcut(cfg: Config, num_classes: int, plan: BatchPlan, copies: int) -> MixC
 
 
 def make_objective(cfg: Config, num_classes: int, plan: BatchPlan, batch_copies: int, accelerator: Accelerator,
-                   fixres: bool = False) -> Classification:
-    """The phase's objective: distillation when ``distill.teacher`` is set, else classification."""
+                   fixres: bool = False, frequencies: np.ndarray | None = None) -> Classification:
+    """The phase's objective: distillation when ``distill.teacher`` is set, else classification.
+
+    Args:
+        frequencies: Samples of each class per epoch as trained, for ``loss.*`` (None: not indexed).
+    """
     if cfg.distill.teacher:
-        return Distillation(cfg, num_classes, plan, batch_copies, accelerator, fixres)
-    return Classification(cfg, num_classes, plan, batch_copies, fixres)
+        return Distillation(cfg, num_classes, plan, batch_copies, accelerator, fixres, frequencies)
+    return Classification(cfg, num_classes, plan, batch_copies, fixres, frequencies)

@@ -19,6 +19,7 @@ from distrain.parallel import build_accelerator
 from distrain.parallel.deepspeed import consolidated_state_dict
 from distrain.parallel.setup import shutdown
 from distrain.track.checkpoint import load_trainer_state, resolve_resume
+from distrain.track.confusion import confusion_record
 from distrain.track.progress import Progress
 from distrain.tricks.resize_sweep import SweepResult, default_resizes, pick_resize
 
@@ -89,8 +90,10 @@ def evaluate_checkpoint(target: str, overrides: list[str], resizes: list[int] | 
             :mod:`distrain.tricks.resize_sweep`.
 
     Returns:
-        On rank 0 the metrics plus ``checkpoint``, or for a sweep ``sweep`` (a :class:`SweepResult`),
-        ``configured`` (the config's resize) and ``checkpoint``; None on other ranks.
+        On rank 0 the metrics plus ``checkpoint`` and the per-class results (``classes``,
+        ``per_class_top1``, ``confusion``: see :func:`~distrain.track.confusion.confusion_record`), or
+        for a sweep ``sweep`` (a :class:`SweepResult`), ``configured`` (the config's resize) and
+        ``checkpoint``; None on other ranks.
 
     Raises:
         DistrainError: no checkpoint, the config has no eval shards, a resize below the crop, or a
@@ -115,7 +118,9 @@ def evaluate_checkpoint(target: str, overrides: list[str], resizes: list[int] | 
         return loader(c, eval_stream(c, data.eval, rank, world, data.num_classes))
 
     if resizes is None:
-        result = {**evaluate(model, stream(cfg), to_device, accelerator), "checkpoint": str(checkpoint)}
+        metrics = evaluate(model, stream(cfg), to_device, accelerator)
+        classes = data.eval.classes or data.train.classes
+        result = {**metrics, "checkpoint": str(checkpoint), **confusion_record(metrics.confusion, classes)}
     else:
         hits = {}
         progress = Progress(len(resizes), 0, enabled=accelerator.is_main_process, unit="resize")

@@ -57,6 +57,21 @@ class MetricsLogger:
         self.accelerator.log({self.prefix + k: v for k, v in values.items()}, step=self.offset + step)
 
 
+    @property
+    def has_wandb(self) -> bool:
+        """Whether this rank logs to W&B (rank 0 with ``logging.wandb``)."""
+        return self.is_main and bool(self.accelerator.trackers)
+
+    def log_image(self, step: int, key: str, path: Path) -> None:
+        """Log the PNG at ``path`` to W&B as an image at update ``step`` (it has no place in metrics.jsonl)."""
+        if not self.has_wandb:
+            return
+        import wandb
+
+        run = self.accelerator.get_tracker("wandb", unwrap=True)
+        run.log({self.prefix + key: wandb.Image(str(path))}, step=self.offset + step)
+
+
 def _wandb_run_id(run_dir: Path) -> str:
     """The W&B run id of this run dir, created once, so a resumed run continues the same W&B run."""
     path = run_dir / "wandb_run_id"

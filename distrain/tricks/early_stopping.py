@@ -14,14 +14,14 @@ import math
 from distrain.config import Config, EarlyStoppingConfig
 from distrain.errors import DistrainError
 
-EVAL_METRICS = ("eval/loss", "eval/top1", "eval/top5")
+EVAL_METRICS = ("eval/loss", "eval/top1", "eval/top5", "eval/balanced_top1", "eval/worst_class_top1")
 """What every evaluation logs that can improve (``eval/samples`` and ``eval/skipped`` are counts)."""
 _DOWNWARDS = ("loss",)
 
 
 def logged_eval_metrics(cfg: Config) -> list[str]:
     """The eval metrics a run of ``cfg`` logs: :data:`EVAL_METRICS`, and their ``eval/ema_*`` twins under EMA."""
-    ema = [m.replace("eval/", "eval/ema_") for m in EVAL_METRICS] if cfg.ema.decay else []
+    ema = [f"eval/ema_{m}" for m in ("loss", "top1", "top5")] if cfg.ema.decay else []  # the EMA's eval logs these
     return [*EVAL_METRICS, *ema]
 
 

@@ -1,0 +1,165 @@
+"""Class-aware resampling of a streamed training epoch that keeps equal batches on every rank.
+
+``WeightedRandomSampler`` needs a map-style dataset and has no distributed form; on streamed shards
+the usual advice is to split shards by class and mix streams by hand. Here each epoch is a fixed
+expansion of the shard set: every sample is read once and yielded as ``k >= 0`` adjacent copies,
+where ``k`` is the floor or the ceiling of its class's factor ``r_c``:
+
+- class ``c`` gets exactly ``T_c = round(n_c x r_c)`` copies per epoch: each of its ``n_c`` samples
+  ``floor(r_c)``, plus one more for ``T_c - n_c x floor(r_c)`` of them chosen by a permutation of
+  the class drawn from (seed, epoch, class), so which samples get the extra copy (or, for a factor
+  below 1, which samples are kept at all) changes every epoch;
+- the epoch's length, the sum of the ``T_c``, is the same every epoch and known from the index's
+  class counts alone, so the plan sizes epochs and schedules before anything is read;
+- a shard's expanded size is known for each epoch, so the stream cuts the expanded sequence into
+  equal rank and worker ranges exactly as it cuts the plain one (:mod:`distrain.data.shards`), and
+  a stream resumed mid-epoch re-derives the same expansion;
+- which of its class's samples a sample is, is its position among the samples of that label in its
+  shard (the index's per-shard class counts give each shard's offset in the class): no per-sample
+  list is stored, and every rank reading any part of a shard derives the same positions from its
+  content.
+
+The copies of a sample sit next to each other before the stream's block shuffle, so they spread over
+the ``data.shuffle_block`` samples around them rather than over the whole epoch: the usual
+streaming trade-off, which also keeps every sample read once per epoch whatever its factor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from distrain.data.index import Shard, ShardSet
+from distrain.errors import DistrainError
+
+KINDS = ("none", "class_balanced", "sqrt", "repeat_factor")
+# A seed word of its own ("resample" in ASCII), so these draws are none of the stream's others.
+_RESAMPLE_WORD = 0x726573616D706C65
+
+
+def class_factors(counts: np.ndarray, kind: str, threshold: float = 0.001) -> np.ndarray:
+    """Copies per epoch of each sample of each class, on average (the factor ``r_c``).
+
+    Args:
+        counts: Samples per class in the training set.
+        kind: ``class_balanced`` (every class ``N / C`` samples per epoch, ``C`` counting the
+            classes present), ``sqrt`` (class ``c`` gets ``N sqrt(n_c) / sum sqrt(n)``),
+            ``repeat_factor`` (``max(1, sqrt(t / f_c))``, ``f_c = n_c / N``) or ``none`` (1).
+        threshold: ``t`` of ``repeat_factor``.
+
+    Returns:
+        float64 factors, 0 for classes without samples.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    present = counts > 0
+    n = np.where(present, counts, 1.0)
+    total = counts.sum()
+    if kind == "none":
+        factors = np.ones_like(n)
+    elif kind == "class_balanced":
+        factors = total / present.sum() / n
+    elif kind == "sqrt":
+        factors = total * np.sqrt(n) / np.sqrt(counts).sum() / n
+    elif kind == "repeat_factor":
+        factors = np.maximum(1.0, np.sqrt(threshold / (n / total)))
+    else:
+        raise ValueError(f"unknown resampling {kind!r}; expected one of {KINDS}")
+    return np.where(present, factors, 0.0)
+
+
+def class_totals(counts: np.ndarray, factors: np.ndarray) -> np.ndarray:
+    """Copies of each class per epoch: ``round(n_c x r_c)`` (int64)."""
+    return np.rint(np.asarray(counts, dtype=np.float64) * factors).astype(np.int64)
+
+
+class Resampling:
+    """The per-epoch expansion of a shard set: each shard's expanded size and each sample's copies.
+
+    Args:
+        shards: The training shard set, with class counts in its index.
+        kind: One of :data:`KINDS` other than ``none``.
+        threshold: ``t`` of ``repeat_factor``.
+        seed: The run's seed.
+
+    Raises:
+        DistrainError: the shard index holds no class counts.
+    """
+
+    def __init__(self, shards: ShardSet, kind: str, threshold: float, seed: int):
+        counts = np.asarray(shards.class_counts, dtype=np.int64)
+        if counts.size == 0:
+            first = shards.shards[0].url if shards.shards else "the training shards"
+            raise DistrainError(
+                f"data.resample: {first}: its index.json has no class counts; add them with `distrain data index DIR`"
+            )
+        self.shards, self.seed = shards, seed
+        self.counts = counts
+        self.factors = class_factors(counts, kind, threshold)
+        self.totals = class_totals(counts, self.factors)
+        self.base = np.floor_divide(self.totals, np.maximum(counts, 1))
+        self.extra = self.totals - self.base * counts
+        per_shard = np.asarray([s.class_counts for s in shards.shards], dtype=np.int64)
+        # Where each shard's samples of each class start among that class's samples.
+        self.offsets = np.cumsum(per_shard, axis=0) - per_shard
+        self.per_shard = per_shard
+        self._epoch: int | None = None
+        self._extra_mask: list[np.ndarray] = []
+
+    @property
+    def total(self) -> int:
+        """Samples in every expanded epoch."""
+        return int(self.totals.sum())
+
+    def class_frequencies(self) -> np.ndarray:
+        """Samples of each class per expanded epoch (what the model sees: the prior it learns)."""
+        return self.totals.copy()
+
+    def _masks(self, epoch: int) -> list[np.ndarray]:
+        """Per class, which of its samples get the extra copy this epoch."""
+        if self._epoch != epoch:
+            masks = []
+            for c, (n, extra) in enumerate(zip(self.counts, self.extra)):
+                mask = np.zeros(n, dtype=bool)
+                if extra:
+                    mask[np.random.default_rng([self.seed, epoch, c, _RESAMPLE_WORD]).permutation(n)[:extra]] = True
+                masks.append(mask)
+            self._epoch, self._extra_mask = epoch, masks
+        return self._extra_mask
+
+    def epoch_shards(self, epoch: int) -> ShardSet:
+        """The shard set with each shard's expanded size for ``epoch`` (same shards, same order)."""
+        masks = self._masks(epoch)
+        expanded = []
+        for i, shard in enumerate(self.shards.shards):
+            size = int((self.per_shard[i] * self.base).sum())
+            for c in np.flatnonzero(self.per_shard[i]):
+                lo = self.offsets[i, c]
+                size += int(masks[c][lo:lo + self.per_shard[i, c]].sum())
+            expanded.append(Shard(shard.url, size, shard.class_counts))
+        return ShardSet(tuple(expanded), self.shards.classes)
+
+    def copies(self, epoch: int) -> Callable[[str, int, int], int]:
+        """``copies(url, label, j)``: copies this epoch of the ``j``-th sample labelled ``label`` in shard ``url``.
+
+        A sample the index does not account for (a label outside the counts, or more samples of a
+        label than the index says) gets one copy; the stream's per-shard sizes still hold, since
+        reads stop at the expanded size the index gives.
+        """
+        masks = self._masks(epoch)
+        row = {s.url: i for i, s in enumerate(self.shards.shards)}
+
+        def copies(url: str, label: int, j: int) -> int:
+            i = row.get(url)
+            if i is None or not 0 <= label < len(self.counts) or j >= self.per_shard[i, label]:
+                return 1
+            return int(self.base[label] + masks[label][self.offsets[i, label] + j])
+
+        return copies
+
+
+def epoch_samples(shards: ShardSet, kind: str, threshold: float) -> int:
+    """Samples per training epoch: the shard set's, or its expansion's under resampling."""
+    if kind == "none":
+        return shards.total
+    return Resampling(shards, kind, threshold, seed=0).total
