@@ -341,6 +341,30 @@ class DistillConfig:
 
 
 @dataclass
+class SSLConfig:
+    """Self-supervised pretraining: the phase learns from two augmented views of unlabeled images."""
+
+    method: Literal["none", "simclr"] = "none"
+    """``simclr``: NT-Xent over the global batch, negatives from every rank (Chen et al. 2020)."""
+    temperature: float = 0.2
+    """NT-Xent's temperature."""
+    proj_hidden: int = 2048
+    """Hidden width of the projection head (an MLP after the backbone's pooled features)."""
+    proj_dim: int = 128
+    """Output width of the projection head (what the loss compares)."""
+    color_strength: float = 0.5
+    """SimCLR's colour-jitter strength s: 0.5 for CIFAR, 1.0 for ImageNet."""
+    blur_prob: float = 0.0
+    """Gaussian blur probability per view (SimCLR: 0.5 on ImageNet, none on CIFAR)."""
+    knn_k: int = 200
+    """Neighbours of the kNN monitor (Wu et al. 2018)."""
+    knn_temperature: float = 0.07
+    """Temperature of the kNN monitor's neighbour weights exp(similarity / T)."""
+    knn_at_start: bool = True
+    """Also run the kNN monitor before the first update (the random-init baseline)."""
+
+
+@dataclass
 class CheckpointConfig:
     every_epochs: int = 1
     keep_last: int = 2
@@ -417,6 +441,7 @@ class Config:
     transfer: TransferConfig = field(default_factory=TransferConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    ssl: SSLConfig = field(default_factory=SSLConfig)
     preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     phases: list[dict[str, Any]] = field(default_factory=list)
@@ -669,6 +694,7 @@ def _check_values(cfg: Config) -> None:
         raise DistrainError(
             f"data.eval_crop: {cfg.data.eval_crop} is larger than data.eval_resize {cfg.data.eval_resize}"
         )
+    from distrain.engine.selfsup import check_ssl
     from distrain.models.factory import check_model
     from distrain.tricks.early_stopping import check_config as check_early_stopping
     from distrain.tricks.transfer import check_transfer
@@ -676,6 +702,7 @@ def _check_values(cfg: Config) -> None:
     check_model(cfg.model)
     check_early_stopping(cfg)
     check_transfer(cfg)
+    check_ssl(cfg)
     d = cfg.distill
     if d.teacher:
         from distrain.tricks.distill import check_distill
@@ -787,8 +814,10 @@ def phase_configs(cfg: Config) -> list[Config]:
         if configs and "pretrained" not in own_model:
             previous = configs[-1]
             start = previous.out_dir / "fixres" if previous.fixres.epochs else previous.out_dir
+            # A self-supervised phase exports its backbone alone: the classifier starts at its init.
+            reset = previous.ssl.method != "none"
             merged["model"].update(pretrained=str(start), pretrained_ignore=own_model.get("pretrained_ignore", []),
-                                   reset_classifier=own_model.get("reset_classifier", False))
+                                   reset_classifier=own_model.get("reset_classifier", reset))
         with _phase_errors(where):
             configs.append(_validated(merged))
             if cfg.distributed.backend == "deepspeed" and _has_key(phase, "train.clip_grad_norm"):

@@ -9,6 +9,7 @@ The pipeline, run inside each DataLoader worker::
                                                 skipped samples are read past, never decoded
     block shuffle (training)                 -> deterministic permutation per block
     decode + crop + flip (+ policy)          -> uint8 CHW tensors at the target resolution
+    (+ views: colour augmentation)           -> V such tensors per sample, each its own crop
     stack into a batch                       -> {"image": uint8 (B,3,H,W), "label": int64 (B,),
                                                  "key": [str], "bad": [BadSample]}; a bad
                                                 position holds a stand-in sample
@@ -21,6 +22,15 @@ batches ``k, k + 1, ...`` of the uninterrupted one without decoding the skipped 
 are padded to the same number of batches on every rank with label ``-1`` samples (zeros, never
 decoded) that metrics ignore, so every test sample is counted exactly once and every rank runs
 the same number of forward passes.
+
+Self-supervised pretraining (``views``): each training sample becomes ``V = n_views`` views, each
+cropped and flipped on its own and colour-augmented (:func:`distrain.data.views.ssl_view`), all
+drawn in sequence from the batch's generator. The batch's ``"image"`` is then view-major,
+uint8 ``(V * B, 3, H, W)``: rows ``v * B + i`` are view ``v`` of sample ``i``, so ``image[v * B:
+(v + 1) * B]`` is view ``v`` of the whole batch; ``"label"`` and ``"key"`` keep length ``B``. A bad
+position's stand-in is chosen per sample before the layout, so it holds all V views of one sample.
+With ``require_labels=False`` a sample without a ``.cls`` member is a good one labelled
+:data:`UNLABELED`; an unparsable or out-of-range ``.cls`` is still bad.
 
 Bad data never raises and never changes the number or shape of batches, since a rank that
 yields one batch fewer hangs the others in their next collective. A missing, truncated or
@@ -67,9 +77,13 @@ from distrain.data.decode import IMAGE_EXTS, DecodeError, eval_sample, make_poli
 from distrain.data.index import ShardSet
 from distrain.data.resample import Resampling
 from distrain.data.shards import Read, epoch_offset, reads_for_range, repeat_layout, shard_order, split_evenly
+from distrain.data.views import ViewAugment, ssl_view
 from distrain.errors import DistrainError
 
 PAD_LABEL = -1
+"""Label of a padding or all-bad position: losses and metrics ignore it."""
+UNLABELED = -2
+"""Label of a sample without ``.cls`` in a stream with ``require_labels=False``: a good sample."""
 
 
 @dataclass(frozen=True)
@@ -137,13 +151,18 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
-def _checked(url: str, sample: dict, num_classes: int) -> Sample:
-    """The sample a tar's grouped files make, marked bad if they lack an image or a usable label."""
+def _checked(url: str, sample: dict, num_classes: int, require_labels: bool = True) -> Sample:
+    """The sample a tar's grouped files make, marked bad if they lack an image or a usable label.
+
+    Without ``require_labels`` a sample with no ``.cls`` at all is good, labelled :data:`UNLABELED`.
+    """
     key = sample["__key__"]
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None:
         return Sample(url, key, b"", PAD_LABEL, "no image")
     if "cls" not in sample:
+        if not require_labels:
+            return Sample(url, key, sample[ext], UNLABELED)
         return Sample(url, key, b"", PAD_LABEL, "no .cls label")
     try:
         label = int(sample["cls"])
@@ -177,7 +196,10 @@ def _transient(exc: Exception) -> bool:
 
 
 def read_samples(
-    reads: list[Read], num_classes: int, copies: Callable[[str, int, int], int] | None = None
+    reads: list[Read],
+    num_classes: int,
+    copies: Callable[[str, int, int], int] | None = None,
+    require_labels: bool = True,
 ) -> Iterator[Sample]:
     """One :class:`Sample` for each sample position the reads cover, in order, bad ones included.
 
@@ -193,16 +215,19 @@ def read_samples(
             ``copies(url, label, j)`` is how many adjacent positions the ``j``-th sample labelled
             ``label`` in the shard fills (0 drops it); a bad sample fills one. The reads' ``skip``
             and ``take`` then count these positions.
+        require_labels: False makes a sample without ``.cls`` a good one labelled :data:`UNLABELED`.
 
     Raises:
         StreamError: any other error, e.g. a permission error: it is not bad data, and is not
             retried.
     """
     for r in reads:
-        yield from _read_one(r, num_classes, copies)
+        yield from _read_one(r, num_classes, copies, require_labels)
 
 
-def _read_one(r: Read, num_classes: int, copies: Callable[[str, int, int], int] | None) -> Iterator[Sample]:
+def _read_one(
+    r: Read, num_classes: int, copies: Callable[[str, int, int], int] | None, require_labels: bool
+) -> Iterator[Sample]:
     n, key = 0, ""  # positions of the read yielded so far, and the last sample's key
     for attempt in range(READ_TRIES):
         seen = 0  # positions of the shard walked in this attempt
@@ -214,7 +239,7 @@ def _read_one(r: Read, num_classes: int, copies: Callable[[str, int, int], int] 
                 for sample in group_by_keys(files):
                     k = 1
                     if copies is not None:
-                        checked = _checked(r.url, sample, num_classes)
+                        checked = _checked(r.url, sample, num_classes, require_labels)
                         if not checked.bad:
                             j = by_label.get(checked.label, 0)
                             by_label[checked.label] = j + 1
@@ -223,7 +248,7 @@ def _read_one(r: Read, num_classes: int, copies: Callable[[str, int, int], int] 
                     if seen <= r.skip + n:
                         continue
                     key = sample["__key__"]
-                    record = checked if copies is not None else _checked(r.url, sample, num_classes)
+                    record = checked if copies is not None else _checked(r.url, sample, num_classes, require_labels)
                     for _ in range(seen - max(first, r.skip + n)):
                         yield record
                         n += 1
@@ -272,8 +297,8 @@ def _batch_seed(*words: int) -> int:
 
 
 def _decode(
-    chunk: list[Sample], decode: Callable[[bytes], torch.Tensor]
-) -> tuple[list[torch.Tensor | None], list[BadSample]]:
+    chunk: list[Sample], decode: Callable[[bytes], torch.Tensor | list[torch.Tensor]]
+) -> tuple[list[torch.Tensor | list[torch.Tensor] | None], list[BadSample]]:
     """The decoded image of each position (None where bad) and the bad positions' reports."""
     images, bad = [], []
     for s in chunk:
@@ -312,6 +337,11 @@ class ShardStream(IterableDataset):
             ``1 / repeats`` as many distinct samples.
         resampling: Training only: class-aware resampling; each epoch reads its expansion of the
             shards (:class:`distrain.data.resample.Resampling`) instead of the shards themselves.
+        views: Training only: self-supervised views' colour augmentation; each sample then yields
+            ``n_views`` views and the batch's image is view-major (see the module docstring).
+        n_views: Views per sample when ``views`` is set.
+        require_labels: False makes a sample without ``.cls`` a good one labelled :data:`UNLABELED`
+            (which eval metrics do not ignore: meant for training streams).
     """
 
     def __init__(
@@ -329,12 +359,19 @@ class ShardStream(IterableDataset):
         shuffle_block: int = 1024,
         repeats: int = 1,
         resampling: Resampling | None = None,
+        views: ViewAugment | None = None,
+        n_views: int = 2,
+        require_labels: bool = True,
     ):
         super().__init__()
         self.shards, self.rank, self.world_size = shards, rank, world_size
         self.batch_size, self.seed, self.num_classes = batch_size, seed, num_classes
         self.augment, self.eval_resize, self.shuffle_block = augment, eval_resize, shuffle_block
-        self.resampling = resampling
+        self.resampling, self.views, self.n_views, self.require_labels = resampling, views, n_views, require_labels
+        if views is not None and augment is None:
+            raise DistrainError("views need a training stream: pass augment too")
+        if views is not None and n_views < 1:
+            raise DistrainError(f"n_views is {n_views}; it must be at least 1")
         if augment is None:
             per_rank = math.ceil(shards.total / world_size)
             self.batches_per_epoch = math.ceil(per_rank / batch_size)
@@ -387,11 +424,18 @@ class ShardStream(IterableDataset):
         count = (b1 - b0) * unique
         used = self.world_size // self.rank_copies * self.batches_per_epoch * unique
         offset = epoch_offset(self.seed, self.epoch, shards.total, used)
-        samples = read_samples(reads_for_range(order, offset + start, count), self.num_classes, copies)
+        samples = read_samples(reads_for_range(order, offset + start, count), self.num_classes, copies,
+                               self.require_labels)
         samples = block_shuffle(samples, self.shuffle_block, [self.seed, self.epoch, start], done * unique)
-        a = self.augment
+        a, views, n_views = self.augment, self.views, self.n_views
         policy = make_policy(a.policy, a.randaugment_ops, a.randaugment_magnitude)
-        last_good = (torch.zeros(3, a.size, a.size, dtype=torch.uint8), PAD_LABEL, "")
+        zeros = torch.zeros(3, a.size, a.size, dtype=torch.uint8)
+        last_good = (zeros if views is None else [zeros] * n_views, PAD_LABEL, "")
+
+        def crop(data: bytes, rng: random.Random) -> torch.Tensor:
+            return train_sample(data, a.size, a.scale, a.ratio, a.hflip, rng, policy, a.resize, a.crop, a.pad,
+                                a.pad_fill)
+
         for j in range(done, b1 - b0):
             chunk = [s for s in islice(samples, unique) for _ in range(self.batch_copies)]
             words = (self.seed, self.epoch, self.rank, worker, j)
@@ -402,10 +446,11 @@ class ShardStream(IterableDataset):
             # CPU generator is seeded: torch.manual_seed would also reseed the CUDA generators.
             with torch.random.fork_rng(devices=[]):
                 torch.default_generator.manual_seed(_batch_seed(*words, 1))
-                images, bad = _decode(
-                    chunk, lambda data: train_sample(data, a.size, a.scale, a.ratio, a.hflip, rng, policy, a.resize,
-                                                 a.crop, a.pad, a.pad_fill)
-                )
+                if views is None:
+                    images, bad = _decode(chunk, lambda data: crop(data, rng))
+                else:
+                    images, bad = _decode(
+                        chunk, lambda data: [ssl_view(crop(data, rng), rng, views, v) for v in range(n_views)])
             labels, keys = [s.label for s in chunk], [s.key for s in chunk]
             good = [(im, labels[i], keys[i]) for i, im in enumerate(images) if im is not None]
             if good:
@@ -414,6 +459,8 @@ class ShardStream(IterableDataset):
             for i, im in enumerate(images):
                 if im is None:
                     images[i], labels[i], keys[i] = next(fill)
+            if views is not None:
+                images = [views_of[v] for v in range(n_views) for views_of in images]
             yield _collate(images, labels, keys, bad)
 
     def _eval_batches(self, b0: int, b1: int, done: int) -> Iterator[dict]:

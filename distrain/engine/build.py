@@ -16,6 +16,7 @@ from distrain.data.index import ShardSet
 from distrain.data.resample import Resampling
 from distrain.data.shards import resolve_shards
 from distrain.data.stream import Augment, EvalResize, ShardStream, make_loader
+from distrain.data.views import ViewAugment
 from distrain.errors import DistrainError
 from distrain.models import create_model
 from distrain.models.init import init_weights
@@ -95,6 +96,9 @@ def train_stream(cfg: Config, data: DataSets, plan: BatchPlan, accelerator: Acce
         shuffle_block=d.shuffle_block,
         repeats=d.repeats,
         resampling=data.resampling,
+        # A self-supervised phase trains on two views of each sample, labeled or not.
+        views=ViewAugment(cfg.ssl.color_strength, blur_p=(cfg.ssl.blur_prob,)) if cfg.ssl.method != "none" else None,
+        require_labels=cfg.ssl.method == "none",
     )
 
 

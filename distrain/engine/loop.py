@@ -23,6 +23,7 @@ non-finite gradient under the ``stop`` policy, or a lost peer.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -190,15 +191,17 @@ class _Run:
         self.unwrapped = accelerator.unwrap_model(model)
         self.state, self.objective, self.to_device, self.eval_loader = state, objective, to_device, eval_loader
         es = cfg.early_stopping
+        self.by_stopper = bool(es.patience or es.restore_best)
+        if not self.by_stopper:  # it still counts, on the objective's own metric (SSL: the kNN monitor's)
+            es = dataclasses.replace(es, metric=objective.key_metric, mode="max")
         self.stopper = EarlyStopping.from_config(es)  # counts even without patience: restore_best needs its best
         self.stopper.load_state_dict(state.early_stopping)
-        self.by_stopper = bool(es.patience or es.restore_best)
 
     def best_by(self) -> tuple[str, str, int | None]:
         """What the best checkpoint is: early stopping's best (its metric, mode and best update) when
         it is on, else the highest eval/top1."""
         if not self.by_stopper:
-            return ("eval/top1", "max", None)
+            return (self.objective.key_metric, "max", None)
         es = self.cfg.early_stopping
         return (es.metric, es.mode, self.stopper.best_update)
 
@@ -241,8 +244,9 @@ class _Run:
         if self.ema is not None:
             with self.ema.swapped(self.unwrapped):
                 averaged = self.objective.evaluate(self.model, self.eval_loader, self.to_device, self.accelerator)
-            for key in ("eval/top1", "eval/top5", "eval/loss"):
-                metrics[key.replace("eval/", "eval/ema_")] = averaged[key]
+            for key in ("eval/top1", "eval/top5", "eval/loss", "eval/knn_top1"):
+                if key in averaged:
+                    metrics[key.replace("eval/", "eval/ema_")] = averaged[key]
         confusion = getattr(metrics, "confusion", None)
         if confusion is not None and self.accelerator.is_main_process:
             write_confusion(self.cfg.out_dir, self.state.update, self.state.epoch, metrics, confusion,
@@ -268,6 +272,7 @@ class _Run:
             export.update(masters)
         if self.accelerator.is_main_process:
             # channels_last weights keep their strides through clone(); safetensors takes dense ones only.
+            export = self.objective.export_weights(export)
             save_file({k: v.contiguous() for k, v in export.items()}, self.cfg.out_dir / "model.safetensors")
 
     def fingerprints(self) -> list[list[float]]:
@@ -292,8 +297,7 @@ def _train(phase: Phase, accelerator: Accelerator, signals: StopSignals, resume:
         fill_deepspeed_batch(cfg, accelerator, plan)
     rank = accelerator.process_index
     stream = train_stream(cfg, data, plan, accelerator)
-    objective = make_objective(cfg, data.num_classes, plan, stream.batch_copies, accelerator, phase.fixres,
-                               data.class_frequencies())
+    objective = make_objective(cfg, data, plan, stream.batch_copies, accelerator, phase.fixres)
 
     check_norm_runtime(cfg.model.norm, accelerator.device)
     model = objective.build_model()
@@ -327,7 +331,7 @@ def _train(phase: Phase, accelerator: Accelerator, signals: StopSignals, resume:
         progress.write(f"distrain: model {described}")
         if objective.load_report is not None and checkpoint is None:
             progress.write(f"distrain: {objective.load_report}")
-    started_with = objective.start_metrics(eval_loader, to_device, accelerator)
+    started_with = objective.start_metrics(model, eval_loader, to_device, accelerator)
     if started_with:
         logger.log(state.update, state.epoch, started_with)
         progress.write("distrain: " + ", ".join(f"{k} {v:.2f}" for k, v in started_with.items() if k.endswith("top1")))
@@ -597,6 +601,9 @@ def _plan_line(plan: BatchPlan, cfg: Config, run_dir: Path, checkpoint: Path | N
 
 
 def _eval_line(state: TrainerState, m: dict[str, float]) -> str:
+    if "eval/knn_top1" in m:
+        return (f"epoch {state.epoch} update {state.update}: eval kNN top-1 {m['eval/knn_top1']:.2f}% "
+                f"({m['eval/samples']} samples)")
     ema = f", EMA top-1 {m['eval/ema_top1']:.2f}%" if "eval/ema_top1" in m else ""
     return (
         f"epoch {state.epoch} update {state.update}: eval top-1 {m['eval/top1']:.2f}% top-5 {m['eval/top5']:.2f}% "
@@ -606,6 +613,8 @@ def _eval_line(state: TrainerState, m: dict[str, float]) -> str:
 
 def _summary_line(s: dict) -> str:
     top1 = f"eval top-1 {s['eval/top1']:.2f}% on {s['eval/samples']} samples" if "eval/top1" in s else "no eval set"
+    if "eval/knn_top1" in s:
+        top1 = f"eval kNN top-1 {s['eval/knn_top1']:.2f}% on {s['eval/samples']} samples"
     skipped = f"; {s['data/skipped']} bad samples skipped" if s["data/skipped"] else ""
     phase = "" if s["phase"] == "main" else f" {s['phase']} phase"
     stopped = f"; {s['stopped_early']}" if s["stopped_early"] else ""

@@ -29,7 +29,7 @@ from torch import nn
 from distrain.config import Config
 from distrain.data.device import ToDevice
 from distrain.data.stream import PAD_LABEL
-from distrain.engine.build import build_model
+from distrain.engine.build import DataSets, build_model
 from distrain.engine.evaluate import evaluate
 from distrain.errors import DistrainError
 from distrain.models.pretrained import LoadReport, load_pretrained
@@ -67,6 +67,9 @@ class Classification:
         frequencies: Samples of each class per epoch as trained (class weights, logit adjustment);
             None when the shard index has no class counts.
     """
+
+    key_metric = "eval/top1"
+    """What makes a checkpoint the best when early stopping does not say."""
 
     def __init__(self, cfg: Config, num_classes: int, plan: BatchPlan, batch_copies: int, fixres: bool = False,
                  frequencies: np.ndarray | None = None):
@@ -145,7 +148,12 @@ class Classification:
     def evaluate(self, model: nn.Module, loader, to_device: ToDevice, accelerator: Accelerator) -> dict[str, float]:
         return evaluate(model, loader, to_device, accelerator)
 
-    def start_metrics(self, loader, to_device: ToDevice, accelerator: Accelerator) -> dict[str, float]:
+    def export_weights(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What the export writes of the model's weights: all of them."""
+        return state
+
+    def start_metrics(self, model: nn.Module, loader, to_device: ToDevice, accelerator: Accelerator
+                      ) -> dict[str, float]:
         """Metrics to log once as the phase starts (none for plain classification)."""
         return {}
 
@@ -206,7 +214,8 @@ class Distillation(Classification):
     def evaluate(self, model: nn.Module, loader, to_device: ToDevice, accelerator: Accelerator) -> dict[str, float]:
         return evaluate(model, loader, to_device, accelerator, reference=self.teacher)
 
-    def start_metrics(self, loader, to_device: ToDevice, accelerator: Accelerator) -> dict[str, float]:
+    def start_metrics(self, model: nn.Module, loader, to_device: ToDevice, accelerator: Accelerator
+                      ) -> dict[str, float]:
         """The teacher's own eval metrics (``teacher/top1``...): a wrong teacher shows before hours are spent."""
         if loader is None:
             return {}
@@ -236,13 +245,25 @@ def _mixcut(cfg: Config, num_classes: int, plan: BatchPlan, copies: int) -> MixC
     return mixcut
 
 
-def make_objective(cfg: Config, num_classes: int, plan: BatchPlan, batch_copies: int, accelerator: Accelerator,
-                   fixres: bool = False, frequencies: np.ndarray | None = None) -> Classification:
-    """The phase's objective: distillation when ``distill.teacher`` is set, else classification.
+def make_objective(cfg: Config, data: DataSets, plan: BatchPlan, batch_copies: int, accelerator: Accelerator,
+                   fixres: bool = False):
+    """The phase's objective: self-supervised under ``ssl.method``, distillation when
+    ``distill.teacher`` is set, else classification.
 
     Args:
-        frequencies: Samples of each class per epoch as trained, for ``loss.*`` (None: not indexed).
+        data: The phase's data sets: classes, class frequencies (``loss.*``), the training shards
+            (the SSL kNN monitor's bank).
     """
+    if cfg.ssl.method != "none":
+        from distrain.engine.build import eval_stream, loader
+        from distrain.engine.selfsup import SimCLR
+
+        bank = None
+        if data.eval is not None:
+            bank = loader(cfg, eval_stream(cfg, data.train, accelerator.process_index, accelerator.num_processes,
+                                           data.num_classes))
+        return SimCLR(cfg, data.num_classes, bank)
+    frequencies = data.class_frequencies()
     if cfg.distill.teacher:
-        return Distillation(cfg, num_classes, plan, batch_copies, accelerator, fixres, frequencies)
-    return Classification(cfg, num_classes, plan, batch_copies, fixres, frequencies)
+        return Distillation(cfg, data.num_classes, plan, batch_copies, accelerator, fixres, frequencies)
+    return Classification(cfg, data.num_classes, plan, batch_copies, fixres, frequencies)

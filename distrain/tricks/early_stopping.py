@@ -20,7 +20,10 @@ _DOWNWARDS = ("loss",)
 
 
 def logged_eval_metrics(cfg: Config) -> list[str]:
-    """The eval metrics a run of ``cfg`` logs: :data:`EVAL_METRICS`, and their ``eval/ema_*`` twins under EMA."""
+    """The eval metrics a run of ``cfg`` logs: :data:`EVAL_METRICS`, and their ``eval/ema_*`` twins under
+    EMA; a self-supervised phase logs its kNN monitor's top-1 alone."""
+    if cfg.ssl.method != "none":
+        return ["eval/knn_top1", *(["eval/ema_knn_top1"] if cfg.ema.decay else [])]
     ema = [f"eval/ema_{m}" for m in ("loss", "top1", "top5")] if cfg.ema.decay else []  # the EMA's eval logs these
     return [*EVAL_METRICS, *ema]
 

@@ -1,0 +1,109 @@
+"""SimCLR as a phase of `distrain train`: config checks, the backbone export the next phase loads,
+a short pretraining that beats random init on the kNN monitor, then a linear probe; 2 ranks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import checked, distrain, read_jsonl
+from safetensors.torch import load_file
+from test_train import recipe
+
+from distrain.config import ModelConfig, from_dict, phase_configs
+from distrain.engine.selfsup import SSLModel, backbone_weights, strip_classifier
+from distrain.errors import DistrainError
+from distrain.models import create_model
+from distrain.models.pretrained import load_pretrained
+
+SIMCLR = {"method": "simclr", "temperature": 0.2, "proj_hidden": 64, "proj_dim": 32, "knn_k": 20}
+
+
+@pytest.mark.parametrize("settings, key", [
+    ({"mix": {"mixup_alpha": 0.2}}, "mix.mixup_alpha"),
+    ({"train": {"label_smoothing": 0.1}}, "train.label_smoothing"),
+    ({"data": {"resample": "class_balanced"}}, "data.resample"),
+    ({"transfer": {"mode": "linear_probe"}}, "transfer.mode"),
+    ({"data": {"policy": "randaugment"}}, "data.policy"),
+    ({"ssl": {"temperature": 0}}, "ssl.temperature"),
+    ({"ssl": {"color_strength": 3}}, "ssl.color_strength"),
+    ({"early_stopping": {"patience": 2}, "data": {"eval": "x"}}, "early_stopping.metric"),
+])
+def test_what_ssl_cannot_do_is_refused_by_key(settings, key):
+    doc = {"ssl": {"method": "simclr", **settings.pop("ssl", {})}, **settings}
+    with pytest.raises(DistrainError, match=key.replace(".", r"\.")):
+        from_dict(doc)
+
+
+def test_the_phase_after_ssl_loads_the_backbone_with_a_fresh_classifier():
+    cfg = from_dict({"phases": [{"name": "pre", "ssl": {"method": "simclr"}},
+                                {"name": "probe", "transfer": {"mode": "linear_probe"}},
+                                {"name": "ft"}]})
+    pre, probe, ft = phase_configs(cfg)
+    assert probe.model.pretrained.endswith("pre") and probe.model.reset_classifier
+    assert ft.model.pretrained.endswith("probe") and not ft.model.reset_classifier
+
+
+def test_the_export_is_the_classifier_network_without_its_classifier():
+    net = create_model(ModelConfig(name="cifar_resnet20"), 10)
+    names = set(net.state_dict())
+    encoder, width = strip_classifier(create_model(ModelConfig(name="cifar_resnet20"), 10))
+    model = SSLModel(encoder, width, 64, 32)
+    assert model(torch.randn(4, 3, 16, 16)).shape == (4, 32)
+    export = backbone_weights(model.state_dict())
+    assert set(export) == names - {"fc.weight", "fc.bias"}
+    # what the next phase does: load it, the classifier left at its init
+    report = load_pretrained(net, _saved(export), reset_classifier=True)
+    assert report.reinitialised == ["fc.weight", "fc.bias"]
+    torch.testing.assert_close(net.conv1.weight, encoder.conv1.weight)
+
+
+def _saved(state):
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    path = tempfile.mkdtemp() + "/model.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, path)
+    return path
+
+
+def _chain(tmp_path, digits, epochs=2, **extra):
+    return recipe(tmp_path, digits, batch={"per_device": 64, "accumulation": 1}, schedule={"epochs": epochs},
+                  optim={"lr": 0.2, "base_batch": 64}, train={"log_every": 5, "label_smoothing": 0.0},
+                  eval={"every_epochs": epochs, "batch_size": 128}, **extra,
+                  phases=[{"name": "pre", "ssl": SIMCLR},
+                          {"name": "probe", "transfer": {"mode": "linear_probe"}, "schedule": {"epochs": 1},
+                           "eval": {"every_epochs": 1}}])
+
+
+@pytest.mark.slow
+def test_pretraining_beats_random_init_then_a_probe_trains_on_it(tmp_path, digits):
+    checked(distrain(["train", _chain(tmp_path, digits)], cwd=tmp_path))
+    run = tmp_path / "run"
+    knn = [r["eval/knn_top1"] for r in read_jsonl(run / "pre" / "metrics.jsonl") if "eval/knn_top1" in r]
+    assert len(knn) == 2  # at random init, then after pretraining
+    assert knn[1] > knn[0] + 3, knn
+    exported = load_file(run / "pre" / "model.safetensors")
+    assert "fc.weight" not in exported and not any(k.startswith("projector.") for k in exported)
+    probe = json.loads((run / "probe" / "summary.json").read_text())
+    assert probe["eval/top1"] > 40  # a linear classifier on the pretrained features
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_two_ranks_agree_and_the_knn_monitor_counts_each_sample_once(tmp_path, digits):
+    one, two = tmp_path / "one", tmp_path / "two"
+    for where, nproc in ((one, 1), (two, 2)):
+        where.mkdir()
+        cfg = recipe(where, digits, batch={"per_device": 32, "accumulation": 1}, schedule={"epochs": 1},
+                     train={"max_updates": 4, "label_smoothing": 0.0}, ssl=SIMCLR, distributed={"timeout_s": 120})
+        checked(distrain(["train", cfg], cwd=where, nproc=nproc))
+    first = [read_jsonl(w / "run" / "metrics.jsonl")[0] for w in (one, two)]
+    # the same seeded init, its kNN monitor over the same 1437-sample bank and 360 eval samples
+    assert first[0]["eval/knn_top1"] == first[1]["eval/knn_top1"]
+    assert first[0]["eval/samples"] == first[1]["eval/samples"] == 360
+    summary = json.loads((two / "run" / "summary.json").read_text())
+    a, b = summary["replica_fingerprints"]
+    assert a == b
