@@ -106,6 +106,9 @@ class ModelConfig:
     """Normalisation layers: ``batch`` (the model's own norm layers: LayerNorm for transformers); ``sync_batch`` (statistics over all ranks' micro-batches;
     GPU runs); ``group`` (32 groups), ``layer`` (one group) and ``instance`` (one group per channel),
     all batch-independent; ``ghost`` (BatchNorm over virtual batches of ``ghost_batch_size``)."""
+    cifar_stem: bool = False
+    """For 32 px images: a ResNet's (torchvision's or timm's) 7x7 stride-2 stem convolution becomes a
+    3x3 stride-1 one and its max-pool is dropped, as SimCLR and solo-learn do on CIFAR."""
     zero_init_residual: bool = False
     """Start the last BN gamma of each residual block at 0, so blocks start as identities (Goyal et al.
     2017); timm's ResNets do so by default."""

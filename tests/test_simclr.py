@@ -93,17 +93,36 @@ def test_pretraining_beats_random_init_then_a_probe_trains_on_it(tmp_path, digit
 
 @pytest.mark.slow
 @pytest.mark.dist
-def test_two_ranks_agree_and_the_knn_monitor_counts_each_sample_once(tmp_path, digits):
-    one, two = tmp_path / "one", tmp_path / "two"
-    for where, nproc in ((one, 1), (two, 2)):
-        where.mkdir()
+def test_two_ranks_agree_resume_exactly_and_the_knn_monitor_counts_each_sample_once(tmp_path, digits):
+    def run(where, nproc, *args):
+        where.mkdir(exist_ok=True)
         cfg = recipe(where, digits, batch={"per_device": 32, "accumulation": 1}, schedule={"epochs": 1},
-                     train={"max_updates": 4, "label_smoothing": 0.0}, ssl=SIMCLR, distributed={"timeout_s": 120})
-        checked(distrain(["train", cfg], cwd=where, nproc=nproc))
-    first = [read_jsonl(w / "run" / "metrics.jsonl")[0] for w in (one, two)]
+                     train={"max_updates": 4, "label_smoothing": 0.0, "log_every": 1}, ssl=SIMCLR,
+                     distributed={"timeout_s": 120})
+        checked(distrain(["train", cfg, *args], cwd=where, nproc=nproc))
+        return read_jsonl(where / "run" / "metrics.jsonl")
+
+    one, two = run(tmp_path / "one", 1), run(tmp_path / "two", 2)
     # the same seeded init, its kNN monitor over the same 1437-sample bank and 360 eval samples
-    assert first[0]["eval/knn_top1"] == first[1]["eval/knn_top1"]
-    assert first[0]["eval/samples"] == first[1]["eval/samples"] == 360
-    summary = json.loads((two / "run" / "summary.json").read_text())
+    assert one[0]["eval/knn_top1"] == two[0]["eval/knn_top1"]
+    assert one[0]["eval/samples"] == two[0]["eval/samples"] == 360
+    summary = json.loads((tmp_path / "two" / "run" / "summary.json").read_text())
     a, b = summary["replica_fingerprints"]
     assert a == b
+    # stopped after 2 updates and resumed: the same losses (NT-Xent over both ranks) and weights
+    run(tmp_path / "resumed", 2, "train.max_updates=2")
+    resumed = run(tmp_path / "resumed", 2, "--resume", "auto")
+    losses = [{e["step"]: e["train/loss"] for e in log if "train/loss" in e} for log in (two, resumed)]
+    assert losses[1][3] == losses[0][3] and losses[1][4] == losses[0][4]
+    final = [load_file(d / "run" / "model.safetensors") for d in (tmp_path / "two", tmp_path / "resumed")]
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+
+
+def test_the_cifar_stem_of_a_resnet():
+    for name in ("resnet18", "timm/resnet18"):
+        model = create_model(ModelConfig(name=name, cifar_stem=True), 10)
+        assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
+        assert isinstance(model.maxpool, torch.nn.Identity)
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(DistrainError, match="model.cifar_stem: vit_b_16 has no ResNet stem"):
+        from_dict({"model": {"name": "vit_b_16", "cifar_stem": True}})

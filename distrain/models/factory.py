@@ -129,7 +129,18 @@ def create_model(mcfg: ModelConfig, num_classes: int) -> nn.Module:
         model = _create_timm(mcfg, num_classes)
     else:
         model = _create_torchvision(mcfg, num_classes)
+    if mcfg.cifar_stem:
+        _cifar_stem(model, mcfg.name)
     return convert_norm(model, mcfg.norm, mcfg.ghost_batch_size, mcfg.name, mcfg.name.startswith(TIMM_PREFIX))
+
+
+def _cifar_stem(model: nn.Module, name: str) -> None:
+    """Give a ResNet the 3x3 stride-1 stem without max-pool of the CIFAR variants (``model.cifar_stem``)."""
+    conv = getattr(model, "conv1", None)
+    if not isinstance(conv, nn.Conv2d) or not isinstance(getattr(model, "maxpool", None), nn.Module):
+        raise DistrainError(f"model.cifar_stem: {name} has no ResNet stem (conv1 + maxpool) to replace")
+    model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
 
 
 def check_model(mcfg: ModelConfig) -> None:
@@ -147,7 +158,7 @@ def check_model(mcfg: ModelConfig) -> None:
     # Configs are validated again and again in one process (phases, resumes, tests): a model that
     # passed once passes again.
     key = repr((mcfg.name, mcfg.kwargs, mcfg.norm, mcfg.ghost_batch_size, mcfg.zero_init_residual,
-                mcfg.drop_path_rate, mcfg.dropout))
+                mcfg.drop_path_rate, mcfg.dropout, mcfg.cifar_stem))
     if key not in _PASSED:
         _check_model(mcfg)
         _PASSED.add(key)
@@ -380,7 +391,7 @@ def _keeps_own_norms(model: nn.Module, mcfg: ModelConfig) -> DistrainError:
 def _probe_size(model: nn.Module, mcfg: ModelConfig) -> tuple[int, int]:
     """An input size the model accepts, for check_model's forward."""
     size = mcfg.kwargs.get("img_size") or mcfg.kwargs.get("image_size")
-    if size is None and mcfg.name in _CIFAR_DEPTHS:
+    if size is None and (mcfg.name in _CIFAR_DEPTHS or mcfg.cifar_stem):
         size = 32
     if size is None:
         cfg = getattr(model, "pretrained_cfg", None) or {}
