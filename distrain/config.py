@@ -347,18 +347,30 @@ class DistillConfig:
 class SSLConfig:
     """Self-supervised pretraining: the phase learns from two augmented views of unlabeled images."""
 
-    method: Literal["none", "simclr"] = "none"
-    """``simclr``: NT-Xent over the global batch, negatives from every rank (Chen et al. 2020)."""
+    method: Literal["none", "simclr", "byol"] = "none"
+    """``simclr``: NT-Xent over the global batch, negatives from every rank (Chen et al. 2020);
+    ``byol``: an online network with a predictor regresses an EMA target's projection of the other
+    view (Grill et al. 2020)."""
     temperature: float = 0.2
     """NT-Xent's temperature."""
     proj_hidden: int = 2048
     """Hidden width of the projection head (an MLP after the backbone's pooled features)."""
     proj_dim: int = 128
-    """Output width of the projection head (what the loss compares)."""
+    """Output width of the projection head (what the loss compares); BYOL: 4096 -> 256."""
+    pred_hidden: int = 4096
+    """BYOL: hidden width of the predictor MLP (proj_dim -> pred_hidden -> proj_dim), 4096 as BYOL
+    and solo-learn's CIFAR recipe."""
+    target_momentum: float = 0.99
+    """BYOL: the target's EMA momentum tau at the first update, raised to 1 along a cosine over the
+    phase's updates (BYOL: 0.996 on ImageNet; solo-learn CIFAR: 0.99)."""
     color_strength: float = 0.5
     """SimCLR's colour-jitter strength s: 0.5 for CIFAR, 1.0 for ImageNet."""
     blur_prob: float = 0.0
-    """Gaussian blur probability per view (SimCLR: 0.5 on ImageNet, none on CIFAR)."""
+    """Gaussian blur probability per view (SimCLR: 0.5 on ImageNet, none on CIFAR). BYOL's views are
+    asymmetric: view 0 gets ``blur_prob``, view 1 a tenth of it (BYOL: 1.0 -> 1.0 and 0.1)."""
+    solarize_prob: Optional[float] = None
+    """Solarisation probability of view 1 (view 0 is never solarised); None: the method's own, 0.2
+    under byol (BYOL, solo-learn CIFAR), 0 under simclr."""
     knn_k: int = 200
     """Neighbours of the kNN monitor (Wu et al. 2018)."""
     knn_temperature: float = 0.07

@@ -456,12 +456,15 @@ def test_alpha_zero_trains_exactly_the_plain_run_and_alpha_half_logs_its_parts(t
 
 @pytest.mark.slow
 @pytest.mark.dist
-def test_hard_distillation_with_mixing_on_two_ranks_keeps_replicas_equal(tmp_path, digits, teacher_run):
+@pytest.mark.parametrize("distributed", [{}, pytest.param({"backend": "deepspeed", "zero_stage": 2},
+                                                          marks=pytest.mark.deepspeed)], ids=["ddp", "zero2"])
+def test_hard_distillation_with_mixing_on_two_ranks_keeps_replicas_equal(tmp_path, digits, teacher_run, distributed):
+    """DDP and ZeRO-2 (ZeRO-3: test_deepspeed's technique test) keep the students equal across ranks."""
     from conftest import checked, distrain, read_jsonl
     from test_train import recipe
 
     cfg = recipe(tmp_path, digits, distill={"teacher": str(teacher_run), "kind": "hard", "alpha": 0.5},
-                 mix={"mixup_alpha": 0.2, "cutmix_alpha": 1.0}, distributed={"timeout_s": 120},
+                 mix={"mixup_alpha": 0.2, "cutmix_alpha": 1.0}, distributed={"timeout_s": 120, **distributed},
                  **{**TINY, "batch": {"per_device": 16, "accumulation": 2}})
     checked(distrain(["train", cfg], cwd=tmp_path, nproc=2))
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

@@ -16,7 +16,6 @@ from distrain.data.index import ShardSet
 from distrain.data.resample import Resampling
 from distrain.data.shards import resolve_shards
 from distrain.data.stream import Augment, EvalResize, ShardStream, make_loader
-from distrain.data.views import ViewAugment
 from distrain.errors import DistrainError
 from distrain.models import create_model
 from distrain.models.init import init_weights
@@ -82,6 +81,8 @@ def resolve_data(cfg: Config) -> DataSets:
 
 def train_stream(cfg: Config, data: DataSets, plan: BatchPlan, accelerator: Accelerator) -> ShardStream:
     """This rank's training stream, sized by the plan."""
+    from distrain.engine.selfsup import ssl_views
+
     d = cfg.data
     return ShardStream(
         data.train,
@@ -97,7 +98,7 @@ def train_stream(cfg: Config, data: DataSets, plan: BatchPlan, accelerator: Acce
         repeats=d.repeats,
         resampling=data.resampling,
         # A self-supervised phase trains on two views of each sample, labeled or not.
-        views=ViewAugment(cfg.ssl.color_strength, blur_p=(cfg.ssl.blur_prob,)) if cfg.ssl.method != "none" else None,
+        views=ssl_views(cfg),
         require_labels=cfg.ssl.method == "none",
     )
 

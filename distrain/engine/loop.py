@@ -219,6 +219,7 @@ class _Run:
         extras = {}
         if self.ema is not None:
             self.state.ema_updates, extras["ema"] = self.ema.n_updates, self.ema.shadow
+        extras.update(self.objective.state_dict())  # BYOL: its target network
         self.state.early_stopping = self.stopper.state_dict()
         c = self.cfg.checkpoint
         return save_checkpoint(self.accelerator, self.cfg.out_dir, self.state, c.keep_last, c.keep_best, extras,
@@ -234,7 +235,7 @@ class _Run:
         if best is None or best == checkpoint_at(self.cfg.out_dir, self.state.update):
             return None
         _load_checkpoint(self.accelerator, best, "early_stopping.restore_best", self.ema,
-                         load_trainer_state(best).ema_updates, is_partitioned(self.unwrapped))
+                         load_trainer_state(best).ema_updates, is_partitioned(self.unwrapped), self.objective)
         return best
 
     def evaluate(self) -> dict[str, float]:
@@ -276,11 +277,15 @@ class _Run:
             save_file({k: v.contiguous() for k, v in export.items()}, self.cfg.out_dir / "model.safetensors")
 
     def fingerprints(self) -> list[list[float]]:
-        """Weights and (synchronised) buffers, raw and EMA, of every rank: they must all agree."""
+        """Weights and (synchronised) buffers, raw and EMA, and the objective's state (BYOL's target),
+        of every rank: they must all agree."""
         prints = replica_fingerprints(self.model, self.accelerator)
         if self.ema is not None:
             with self.ema.swapped(self.unwrapped):
                 prints = [a + b for a, b in zip(prints, replica_fingerprints(self.model, self.accelerator))]
+        for tensors in self.objective.state_dict().values():
+            own = replica_fingerprints(nn.Module(), self.accelerator, tensors.values())
+            prints = [a + b for a, b in zip(prints, own)]
         return prints
 
 
@@ -315,7 +320,7 @@ def _train(phase: Phase, accelerator: Accelerator, signals: StopSignals, resume:
                          teacher_sha256=objective.fingerprint)
     checkpoint = decided_by_main(accelerator, lambda: resolve_resume(resume, run_dir)) if resume else None
     if checkpoint is not None:
-        state = _resume(accelerator, checkpoint, state, allow, ema, is_partitioned(unwrapped))
+        state = _resume(accelerator, checkpoint, state, allow, ema, is_partitioned(unwrapped), objective)
 
     draws = DrawLog(run_dir, rank) if cfg.logging.draws else None
     eval_loader = None
@@ -387,8 +392,10 @@ def _train(phase: Phase, accelerator: Accelerator, signals: StopSignals, resume:
                         )
                     state.skipped_updates += 1
                 state.update += 1
-                if ema is not None and finite:
-                    ema.update(unwrapped, state.update)
+                if finite:
+                    if ema is not None:
+                        ema.update(unwrapped, state.update)
+                    objective.after_update(unwrapped, state.update, plan.total_updates)  # BYOL: its target
                 state.samples_seen += plan.global_batch
                 window.updates += 1
 
@@ -479,7 +486,8 @@ def _write_summary(phase: Phase, run: _Run, seconds: float, fingerprints: list[l
 
 
 def _resume(
-    accelerator: Accelerator, checkpoint: Path, fresh: TrainerState, allow: bool, ema: EMA | None, partitioned: bool
+    accelerator: Accelerator, checkpoint: Path, fresh: TrainerState, allow: bool, ema: EMA | None, partitioned: bool,
+    objective: Classification,
 ) -> TrainerState:
     """Load a checkpoint into the prepared model/optimizer and return the position to continue from.
 
@@ -496,7 +504,7 @@ def _resume(
             f"--resume {checkpoint}: settings differ from the checkpoint's ({'; '.join(diffs)}); "
             "pass --allow-config-change to resume anyway (not an exact continuation)"
         )
-    _load_checkpoint(accelerator, checkpoint, "--resume", ema, saved.ema_updates, partitioned)
+    _load_checkpoint(accelerator, checkpoint, "--resume", ema, saved.ema_updates, partitioned, objective)
     if any(d.startswith("plan ") for d in diffs):  # another batch plan: the position counts other batches
         saved.batch_in_epoch = rescale_position(saved, fresh.plan)
     saved.config, saved.plan, saved.teacher_sha256 = fresh.config, fresh.plan, fresh.teacher_sha256
@@ -504,8 +512,9 @@ def _resume(
 
 
 def _load_checkpoint(accelerator: Accelerator, checkpoint: Path, what: str, ema: EMA | None, ema_updates: int,
-                     partitioned: bool) -> None:
-    """Load a checkpoint's model, optimizer and RNG states (and EMA) on every rank, safely.
+                     partitioned: bool, objective: Classification) -> None:
+    """Load a checkpoint's model, optimizer and RNG states (and EMA, and the objective's state) on
+    every rank, safely.
 
     Raises:
         DistrainError: naming ``what``: pickled code, or a truncated, foreign or mismatched file.
@@ -523,6 +532,9 @@ def _load_checkpoint(accelerator: Accelerator, checkpoint: Path, what: str, ema:
         rank = accelerator.process_index if partitioned else None  # ZeRO-3: each rank's own slice
         shadow = load_extra(checkpoint, "ema", accelerator.device, rank)
         ema.load_state_dict({"shadow": shadow, "n_updates": ema_updates})
+    # Replicated, so rank 0's file (BYOL: byol_target.safetensors); objectives without state load nothing.
+    objective.load_state_dict({name: load_extra(checkpoint, name, accelerator.device)
+                               for name in objective.state_dict()})
 
 
 def _with_resolved_precision(config: dict, accelerator: Accelerator) -> dict:

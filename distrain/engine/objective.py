@@ -11,7 +11,11 @@ signals; it calls the phase's objective at these points:
 - ``augment(images, targets, seed)``: each micro-batch's device-side augmentation, drawn from the
   rank's per-micro-batch seeds (see :mod:`distrain.parallel.rng`);
 - ``loss(model, images, targets)``: the micro-batch's loss;
-- ``evaluate(model, loader, to_device, accelerator)``: eval metrics, each sample counted once.
+- ``evaluate(model, loader, to_device, accelerator)``: eval metrics, each sample counted once;
+- ``after_update(model, update, total_updates)``: after each optimizer update that was applied
+  (BYOL moves its EMA target here);
+- ``state_dict()`` / ``load_state_dict(state)``: the objective's own tensors that must be identical
+  on every rank (BYOL's target), saved as checkpoint extras by name and restored on resume.
 
 :class:`Classification` is supervised training on labels (the main phase, fine-tuning, linear
 probes, FixRes); :class:`Distillation` adds a frozen teacher's outputs to the labels. Besides the
@@ -161,6 +165,17 @@ class Classification:
         """Metrics of the training window since the last log, averaged over ranks (none here)."""
         return {}
 
+    def after_update(self, model: nn.Module, update: int, total_updates: int) -> None:
+        """Called after optimizer update ``update`` (1-based) of ``total_updates`` with the unwrapped
+        model; nothing here."""
+
+    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Tensor sets to checkpoint beside the model, by name, replicated on every rank (none here)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Restore :meth:`state_dict` output (nothing here)."""
+
 
 class Distillation(Classification):
     """Classification plus a frozen teacher: loss = (1 - alpha) x label loss + alpha x distillation loss.
@@ -256,12 +271,14 @@ def make_objective(cfg: Config, data: DataSets, plan: BatchPlan, batch_copies: i
     """
     if cfg.ssl.method != "none":
         from distrain.engine.build import eval_stream, loader
-        from distrain.engine.selfsup import SimCLR
+        from distrain.engine.selfsup import BYOL, SimCLR
 
         bank = None
         if data.eval is not None:
             bank = loader(cfg, eval_stream(cfg, data.train, accelerator.process_index, accelerator.num_processes,
                                            data.num_classes))
+        if cfg.ssl.method == "byol":
+            return BYOL(cfg, data.num_classes, accelerator, bank)
         return SimCLR(cfg, data.num_classes, bank)
     frequencies = data.class_frequencies()
     if cfg.distill.teacher:

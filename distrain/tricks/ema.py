@@ -41,8 +41,9 @@ def ema_decay(decay: float, every: int, n_updates_done: int, warmup: bool) -> fl
     return effective
 
 
-def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters and buffers by name; buffers carry BN running stats, which must follow the weights.
+def _named_tensors(model: nn.Module, buffers: bool = True) -> dict[str, torch.Tensor]:
+    """Parameters and (with ``buffers``) buffers by name; buffers carry BN running stats, which must
+    follow the weights.
 
     Under DeepSpeed ZeRO-3 a parameter's own data is empty between forwards and the rank holds a
     slice of it in ``ds_tensor``: the average is then kept of that slice, so each rank averages
@@ -52,7 +53,8 @@ def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     tensors = {name: p.ds_tensor if hasattr(p, "ds_tensor") and not getattr(p, "ds_persist", False) else p
                for name, p in model.named_parameters()}
-    tensors.update(model.named_buffers())
+    if buffers:
+        tensors.update(model.named_buffers())
     return tensors
 
 
@@ -70,9 +72,15 @@ class EMA:
         decay: Per-optimizer-update decay in ``[0, 1)``; see :func:`ema_decay`.
         every: Update the average every this many optimizer updates.
         warmup: Cap the decay early in training; see :func:`ema_decay`.
+        buffers: Also average the buffers; False: the parameters only (BYOL's target network, whose
+            batch norm uses batch statistics and keeps none).
+
+    The decay may be set between updates (``ema.decay = tau``): BYOL's target sets its scheduled
+    momentum before each update (:class:`distrain.engine.selfsup.BYOL`).
     """
 
-    def __init__(self, model: nn.Module, decay: float, every: int = 1, warmup: bool = False) -> None:
+    def __init__(self, model: nn.Module, decay: float, every: int = 1, warmup: bool = False,
+                 buffers: bool = True) -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         if every < 1:
@@ -81,14 +89,15 @@ class EMA:
         self.every = every
         self.warmup = warmup
         self.n_updates = 0
+        self._with_buffers = buffers
         with torch.no_grad():
             self.shadow: dict[str, torch.Tensor] = {
                 name: t.detach().to(dtype=torch.promote_types(t.dtype, torch.float32), copy=True)
                 if t.is_floating_point()
                 else t.detach().clone()
-                for name, t in _named_tensors(model).items()
+                for name, t in _named_tensors(model, buffers).items()
             }
-        self._buffer_names = [name for name, _ in model.named_buffers()]
+        self._buffer_names = [name for name, _ in model.named_buffers()] if buffers else []
         self._bound: weakref.ref[nn.Module] | None = None
         self._bind(model)
 
@@ -96,7 +105,7 @@ class EMA:
         """Pair the shadow with ``model``'s tensors in foreach-ready lists, split by how they combine."""
         if self._bound is not None and self._bound() is model:
             return
-        tensors = _named_tensors(model)
+        tensors = _named_tensors(model, self._with_buffers)
         if tensors.keys() != self.shadow.keys():
             missing, extra = self.shadow.keys() - tensors.keys(), tensors.keys() - self.shadow.keys()
             raise ValueError(f"model does not match the EMA: missing {sorted(missing)}, extra {sorted(extra)}")
