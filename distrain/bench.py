@@ -695,3 +695,63 @@ def format_parity(r: dict) -> str:
     lines.append(f"{r['recipe']}; {r['crop']} crop ({r['pad_fill']} fill) + flip, batch {r['batch']}, {r['epochs']} "
                  f"epochs, {r['train_samples']} training and {r['test_samples']} test images of {r['data']}")
     return "\n".join(lines)
+
+
+def bench_lp(samples: list[int], dim: int = 512, classes: int = 10, labeled: float = 0.08, k: int = 50,
+             block: int = 1024, seed: int = 0) -> dict:
+    """Time and memory of one label propagation (:mod:`distrain.tricks.lp`) at each size in ``samples``.
+
+    The features are synthetic: ``classes`` Gaussian clusters on the unit sphere in ``dim``
+    dimensions (the graph's cost depends on N, d and k, not on what the features mean), with a
+    ``labeled`` fraction of each class labeled. One process, this machine's threads, the stages
+    as the objective runs them on one rank.
+
+    Returns:
+        Per size: seconds of the kNN search, the graph, the diffusion and the pseudo-labels; the
+        bytes of the features, of one search block and of the graph; the pseudo-labels' accuracy.
+    """
+    import numpy as np
+
+    from distrain.tricks.lp import diffuse, knn_rows, normalized_affinity, pseudo_labels
+
+    rows = []
+    for n in samples:
+        g = torch.Generator().manual_seed(seed)
+        truth = torch.arange(n) % classes
+        centres = torch.nn.functional.normalize(torch.randn(classes, dim, generator=g), dim=1)
+        feats = torch.nn.functional.normalize(centres[truth] + 0.06 * torch.randn(n, dim, generator=g), dim=1)
+        labels = np.full(n, -2)
+        known = np.random.default_rng(seed).random(n) < labeled
+        labels[known] = truth.numpy()[known]
+        t = [time.perf_counter()]
+        sims, idx = knn_rows(feats, k, block=block)
+        t.append(time.perf_counter())
+        s = normalized_affinity(sims.numpy(), idx.numpy())
+        t.append(time.perf_counter())
+        z = diffuse(s, labels, range(classes))
+        t.append(time.perf_counter())
+        out = pseudo_labels(z, labels)
+        t.append(time.perf_counter())
+        rows.append({
+            "samples": n, "labeled": int(known.sum()),
+            "seconds": dict(zip(("knn", "graph", "diffusion", "pseudo_labels"), np.diff(t).tolist())),
+            "bytes": {"features": feats.numel() * 4, "search_block": 4 * min(block, n) * n,
+                      "graph": int(s.data.nbytes + s.indices.nbytes + s.indptr.nbytes)},
+            "pseudo_top1": 100 * float((out.labels[~known] == truth.numpy()[~known]).mean()),
+        })
+    return {"dim": dim, "classes": classes, "k": k, "block": block, "threads": torch.get_num_threads(), "rows": rows}
+
+
+def format_lp(r: dict) -> str:
+    """The label-propagation bench as one line per size."""
+    mib = 1 / 2**20
+    lines = [f"label propagation, d={r['dim']}, {r['classes']} classes, k={r['k']}, search block {r['block']}, "
+             f"{r['threads']} threads",
+             f"  {'N':>9} {'kNN s':>8} {'graph s':>8} {'diffuse s':>9} {'total s':>8} {'feat MiB':>9} "
+             f"{'block MiB':>9} {'graph MiB':>9} {'pseudo top-1':>12}"]
+    for row in r["rows"]:
+        s, b = row["seconds"], row["bytes"]
+        lines.append(f"  {row['samples']:>9} {s['knn']:>8.2f} {s['graph']:>8.2f} {s['diffusion']:>9.2f} "
+                     f"{sum(s.values()):>8.2f} {b['features'] * mib:>9.1f} {b['search_block'] * mib:>9.1f} "
+                     f"{b['graph'] * mib:>9.1f} {row['pseudo_top1']:>11.2f}%")
+    return "\n".join(lines)

@@ -146,6 +146,22 @@ def _cmd_bench_parity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_lp(args: argparse.Namespace) -> int:
+    from distrain.bench import bench_lp, format_lp
+
+    try:
+        samples = [int(n) for n in args.samples.split(",")]
+    except ValueError:
+        raise DistrainError(f"--samples: expected comma-separated integers, got {args.samples!r}") from None
+    if min(samples) <= args.k or min(args.dim, args.classes, args.k, args.block) <= 0:
+        raise DistrainError("--samples must exceed --k, and --dim, --classes, --k and --block must be > 0")
+    if not 0 < args.labeled < 1:
+        raise DistrainError(f"--labeled: a fraction in (0, 1), got {args.labeled}")
+    result = bench_lp(samples, args.dim, args.classes, args.labeled, args.k, args.block)
+    _print_bench(format_lp(result), result, args.json)
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from distrain.engine.standalone import export_checkpoint
 
@@ -309,7 +325,8 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
     if args.source == "digits":
         out = writer.write_digits(
-            args.out, samples_per_shard=args.samples_per_shard or 256, seed=args.seed, overwrite=args.overwrite
+            args.out, samples_per_shard=args.samples_per_shard or 256, seed=args.seed, overwrite=args.overwrite,
+            labeled_per_class=args.labeled_per_class,
         )
     elif args.source == "folder":
         out = writer.write_folder(
@@ -322,6 +339,9 @@ def _cmd_data(args: argparse.Namespace) -> int:
             train_per_class=args.train_per_class,
             imbalance_ratio=args.imbalance_ratio,
             imbalance_seed=args.seed,
+            labeled_per_class=args.labeled_per_class,
+            labeled_fraction=args.labeled_fraction,
+            labeled_seed=args.seed,
         )
     else:
         out = {"index": writer.index_shards(args.dir)}
@@ -427,6 +447,17 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--json", metavar="PATH", help="also write the figures as JSON (rewritten after every run)")
     bp.set_defaults(func=_cmd_bench_parity)
 
+    blp = bsub.add_parser("lp", help="time and memory of one label propagation (kNN graph, diffusion) per "
+                                     "number of samples, on synthetic clustered features")
+    blp.add_argument("--samples", default="10000,50000", help="comma-separated numbers of samples")
+    blp.add_argument("--dim", type=int, default=512, help="feature width (ResNet-18: 512, ResNet-50: 2048)")
+    blp.add_argument("--classes", type=int, default=10)
+    blp.add_argument("--labeled", type=float, default=0.08, help="fraction of labeled samples")
+    blp.add_argument("--k", type=int, default=50)
+    blp.add_argument("--block", type=int, default=1024, help="query rows per block of the exact kNN search")
+    blp.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    blp.set_defaults(func=_cmd_bench_lp)
+
     x = sub.add_parser("export", help="write a checkpoint's model weights (DeepSpeed ZeRO partitions merged) "
                                       "as one fp32 state dict for plain PyTorch")
     x.add_argument("target", help="a run dir (newest checkpoint) or a checkpoint dir")
@@ -449,7 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--samples-per-shard", type=int, default=0)
     common.add_argument("--seed", type=int, default=0, help="seed of the shuffle before sharding")
     common.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
-    dsub.add_parser("digits", parents=[common], help="scikit-learn's handwritten digits (32x32 RGB PNG; train/test)")
+    dg = dsub.add_parser("digits", parents=[common], help="scikit-learn's handwritten digits (32x32 RGB PNG; train/test)")
+    dg.add_argument("--labeled-per-class", type=int, metavar="N",
+                    help="semi-supervised: as for `data folder` (default: all labeled)")
     f = dsub.add_parser("folder", parents=[common], help="a class-per-folder image tree (train/ val/ test/ splits)")
     f.add_argument("src")
     f.add_argument("--no-shuffle", action="store_true", help="keep sorted order instead of shuffling")
@@ -459,6 +492,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--imbalance-ratio", type=float, default=1.0, metavar="R",
                    help="make the train split long-tailed (CIFAR-10-LT profile): class i keeps "
                         "n_max * R^(-i/(C-1)) images, chosen by --seed (default 1: all)")
+    # Not an argparse mutually exclusive group: write_folder's error is one line naming both flags.
+    f.add_argument("--labeled-per-class", type=int, metavar="N",
+                   help="semi-supervised: N training images per class keep their label, chosen by --seed; the "
+                        "others are written without .cls (their label only as .withheld.cls, to score "
+                        "pseudo-labels) and the labeled ones also to OUT/labeled (default: all labeled)")
+    f.add_argument("--labeled-fraction", type=float, metavar="F",
+                   help="like --labeled-per-class, with round(F * n) (at least 1) of a class's n; 0 < F <= 1")
     ix = dsub.add_parser("index", help="write index.json for a directory of existing webdataset tars")
     ix.add_argument("dir")
     d.set_defaults(func=_cmd_data)

@@ -380,6 +380,29 @@ class SSLConfig:
 
 
 @dataclass
+class LabelPropagationConfig:
+    """Semi-supervised training with label propagation (Iscen et al. 2019): every ``every_epochs``
+    epochs the phase propagates the known labels over a kNN graph of its features of every training
+    sample, then trains on all of them with the pseudo-labels, weighted by their certainty."""
+
+    enabled: bool = False
+    every_epochs: int = 1
+    """Epochs between propagations (one before the phase's first update, then one every N epochs)."""
+    k: int = 50
+    """Neighbours per sample in the graph."""
+    power: float = 3.0
+    """Affinities are cosine similarities (clamped at 0) raised to this power (the paper: 3)."""
+    alpha: float = 0.99
+    """Diffusion strength: Z solves (I - alpha S) Z = Y."""
+    cg_iters: int = 20
+    """Conjugate-gradient iterations per class (the reference code: 20)."""
+    class_weights: bool = True
+    """Weight each class's loss by the inverse of its pseudo-label count (the paper)."""
+    block: int = 1024
+    """Query rows per block of the exact kNN search: memory 4 x block x N bytes."""
+
+
+@dataclass
 class CheckpointConfig:
     every_epochs: int = 1
     keep_last: int = 2
@@ -457,6 +480,7 @@ class Config:
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     ssl: SSLConfig = field(default_factory=SSLConfig)
+    lp: LabelPropagationConfig = field(default_factory=LabelPropagationConfig)
     preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     phases: list[dict[str, Any]] = field(default_factory=list)
@@ -710,6 +734,7 @@ def _check_values(cfg: Config) -> None:
             f"data.eval_crop: {cfg.data.eval_crop} is larger than data.eval_resize {cfg.data.eval_resize}"
         )
     from distrain.engine.selfsup import check_ssl
+    from distrain.engine.semisup import check_label_propagation
     from distrain.models.factory import check_model
     from distrain.tricks.early_stopping import check_config as check_early_stopping
     from distrain.tricks.transfer import check_transfer
@@ -718,6 +743,7 @@ def _check_values(cfg: Config) -> None:
     check_early_stopping(cfg)
     check_transfer(cfg)
     check_ssl(cfg)
+    check_label_propagation(cfg)
     d = cfg.distill
     if d.teacher:
         from distrain.tricks.distill import check_distill

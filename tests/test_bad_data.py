@@ -239,5 +239,5 @@ it = iter(make_loader(train_stream(plain_set(Path(sys.argv[1])), batch=2, batche
 next(it)
 raise SystemExit(3)
 """
-    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "set")], timeout=60, capture_output=True)
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "set")], timeout=180, capture_output=True)
     assert proc.returncode == 3, proc.stderr.decode()[-2000:]

@@ -60,15 +60,14 @@ def resolve_shards(spec: str | list[str]) -> ShardSet:
         if directory not in indexes:
             indexes[directory] = read_index(directory)
         doc = indexes[directory]
-        counts = {s["name"]: int(s["samples"]) for s in doc["shards"]}
-        by_class = {s["name"]: tuple(int(c) for c in s.get("class_counts", ())) for s in doc["shards"]}
+        entries = {s["name"]: s for s in doc["shards"]}
         if os.path.isdir(path):
             names = [s["name"] for s in doc["shards"]]
         else:
             names = [os.path.basename(path)]
-            if names[0] not in counts:
+            if names[0] not in entries:
                 raise DistrainError(f"{path}: not listed in {directory / INDEX_NAME}")
-        shards.extend(Shard(str(directory / n), counts[n], by_class[n]) for n in names)
+        shards.extend(Shard.from_entry(str(directory / n), entries[n]) for n in names)
         these = tuple(doc.get("classes", ()))
         if classes is not None and these != classes:
             raise DistrainError(f"{directory / INDEX_NAME}: class list differs from the other shard sets")

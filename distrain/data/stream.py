@@ -30,7 +30,14 @@ uint8 ``(V * B, 3, H, W)``: rows ``v * B + i`` are view ``v`` of sample ``i``, s
 (v + 1) * B]`` is view ``v`` of the whole batch; ``"label"`` and ``"key"`` keep length ``B``. A bad
 position's stand-in is chosen per sample before the layout, so it holds all V views of one sample.
 With ``require_labels=False`` a sample without a ``.cls`` member is a good one labelled
-:data:`UNLABELED`; an unparsable or out-of-range ``.cls`` is still bad.
+:data:`UNLABELED`; an unparsable or out-of-range ``.cls`` is still bad. Such an eval stream's
+batches also hold ``"withheld"``: the label a partially labeled shard set kept aside for
+measurement (its ``.withheld.cls``; see :mod:`distrain.data.writer`), else -1.
+
+Label propagation (:meth:`ShardStream.set_targets`): the workers give each unlabeled training
+sample the pseudo-label that a :class:`KeyedTargets` table holds for its *key* (never its position,
+so the rank and worker layout does not matter), and the batch gains ``"weight"``: float32 ``(B,)``,
+the pseudo-label's certainty, 1 for a labeled sample and 0 for a padding one.
 
 Bad data never raises and never changes the number or shape of batches, since a rank that
 yields one batch fewer hangs the others in their next collective. A missing, truncated or
@@ -138,13 +145,49 @@ class BadSample(NamedTuple):
 
 
 class Sample(NamedTuple):
-    """One sample position read from a shard; ``bad`` says why it is unusable, "" when it is not."""
+    """One sample position read from a shard; ``bad`` says why it is unusable, "" when it is not;
+    ``withheld`` is an unlabeled sample's label kept aside for measurement, else -1."""
 
     url: str
     key: str
     data: bytes
     label: int
     bad: str = ""
+    withheld: int = PAD_LABEL
+
+
+class KeyedTargets:
+    """Training targets looked up by sample key: a propagation's pseudo-labels and their weights.
+
+    Args:
+        keys: Sample keys; ``labels[i]`` and ``weights[i]`` belong to ``keys[i]``.
+        labels: (N,) int labels in ``[0, num_classes)``.
+        weights: (N,) float weights.
+    """
+
+    def __init__(self, keys: list[str], labels: np.ndarray, weights: np.ndarray):
+        if not len(keys) == len(labels) == len(weights):
+            raise ValueError(f"{len(keys)} keys, {len(labels)} labels and {len(weights)} weights")
+        self.row = {k: i for i, k in enumerate(keys)}
+        self.labels, self.weights = np.asarray(labels, dtype=np.int64), np.asarray(weights, dtype=np.float32)
+
+    def lookup(self, url: str, key: str, label: int) -> tuple[int, float]:
+        """(label, weight) of a training position: an unlabeled sample's from the table, a labeled
+        one's own label with weight 1, a padding position's with weight 0.
+
+        Raises:
+            StreamError: an unlabeled sample the table does not know (the shards changed since the
+                propagation).
+        """
+        if label == PAD_LABEL:
+            return label, 0.0
+        if label != UNLABELED:
+            return label, 1.0
+        i = self.row.get(key)
+        if i is None:
+            raise StreamError(f"{url}: sample {key!r} has no pseudo-label: the shards changed since the "
+                              "propagation; not bad data, so the rank stops")
+        return int(self.labels[i]), float(self.weights[i])
 
 
 def _first_line(exc: BaseException) -> str:
@@ -162,7 +205,7 @@ def _checked(url: str, sample: dict, num_classes: int, require_labels: bool = Tr
         return Sample(url, key, b"", PAD_LABEL, "no image")
     if "cls" not in sample:
         if not require_labels:
-            return Sample(url, key, sample[ext], UNLABELED)
+            return Sample(url, key, sample[ext], UNLABELED, withheld=_withheld(sample, num_classes))
         return Sample(url, key, b"", PAD_LABEL, "no .cls label")
     try:
         label = int(sample["cls"])
@@ -171,6 +214,15 @@ def _checked(url: str, sample: dict, num_classes: int, require_labels: bool = Tr
     if not 0 <= label < num_classes:
         return Sample(url, key, b"", PAD_LABEL, f"label {label} out of range [0, {num_classes})")
     return Sample(url, key, sample[ext], label)
+
+
+def _withheld(sample: dict, num_classes: int) -> int:
+    """The ``.withheld.cls`` label of an unlabeled sample, or -1 when absent or unusable."""
+    try:
+        label = int(sample.get("withheld.cls", b"-1"))
+    except ValueError:
+        return PAD_LABEL
+    return label if 0 <= label < num_classes else PAD_LABEL
 
 
 class StreamError(Exception):
@@ -341,7 +393,7 @@ class ShardStream(IterableDataset):
             ``n_views`` views and the batch's image is view-major (see the module docstring).
         n_views: Views per sample when ``views`` is set.
         require_labels: False makes a sample without ``.cls`` a good one labelled :data:`UNLABELED`
-            (which eval metrics do not ignore: meant for training streams).
+            (which eval metrics do not ignore: meant for training streams and feature extraction).
     """
 
     def __init__(
@@ -387,6 +439,11 @@ class ShardStream(IterableDataset):
             self.batches_per_epoch = batches_per_epoch
         self.epoch = 0
         self.skip_batches = 0
+        self.targets: KeyedTargets | None = None
+
+    def set_targets(self, targets: KeyedTargets | None) -> None:
+        """Make the next iteration label unlabeled training samples from ``targets``, by key."""
+        self.targets = targets
 
     def set_position(self, epoch: int, skip_batches: int = 0) -> None:
         """Make the next iteration yield epoch ``epoch`` from its batch ``skip_batches`` on."""
@@ -459,34 +516,46 @@ class ShardStream(IterableDataset):
             for i, im in enumerate(images):
                 if im is None:
                     images[i], labels[i], keys[i] = next(fill)
+            weights = None
+            if self.targets is not None:
+                urls = [s.url for s in chunk]
+                labels, weights = map(list, zip(*(self.targets.lookup(u, k, y) for u, k, y in zip(urls, keys, labels))))
             if views is not None:
                 images = [views_of[v] for v in range(n_views) for views_of in images]
-            yield _collate(images, labels, keys, bad)
+            yield _collate(images, labels, keys, bad, weights=weights)
 
     def _eval_batches(self, b0: int, b1: int, done: int) -> Iterator[dict]:
         r0, r1 = split_evenly(self.shards.total, self.world_size, self.rank)
         real = r1 - r0
         lo, hi = min((b0 + done) * self.batch_size, real), min(b1 * self.batch_size, real)
-        samples = read_samples(reads_for_range(list(self.shards.shards), r0 + lo, hi - lo), self.num_classes)
+        samples = read_samples(reads_for_range(list(self.shards.shards), r0 + lo, hi - lo), self.num_classes,
+                               require_labels=self.require_labels)
         e, bs = self.eval_resize, self.batch_size
-        pad = (torch.zeros(3, e.crop, e.crop, dtype=torch.uint8), PAD_LABEL, "")
+        pad = (torch.zeros(3, e.crop, e.crop, dtype=torch.uint8), PAD_LABEL, "", PAD_LABEL)
         for _ in range(b0 + done, b1):
             chunk = list(islice(samples, bs))
             images, bad = _decode(chunk, lambda data: eval_sample(data, e.resize, e.crop))
-            rows = [pad if im is None else (im, s.label, s.key) for im, s in zip(images, chunk)]
+            rows = [pad if im is None else (im, s.label, s.key, s.withheld) for im, s in zip(images, chunk)]
             rows += [pad] * (bs - len(chunk))
-            yield _collate(*zip(*rows), bad)
+            images, labels, keys, withheld = zip(*rows)
+            yield _collate(images, labels, keys, bad, withheld=None if self.require_labels else withheld)
 
 
-def _collate(images: list[torch.Tensor], labels: list[int], keys: list[str], bad: list[BadSample]) -> dict:
+def _collate(images: list[torch.Tensor], labels: list[int], keys: list[str], bad: list[BadSample],
+             weights: list[float] | None = None, withheld: list[int] | None = None) -> dict:
     # Inside a worker default_collate stacks straight into shared memory, saving the copy that
     # sending the batch to the training process would otherwise make.
-    return {
+    batch = {
         "image": default_collate(images),
         "label": torch.tensor(labels, dtype=torch.int64),
         "key": list(keys),
         "bad": bad,
     }
+    if weights is not None:
+        batch["weight"] = torch.tensor(weights, dtype=torch.float32)
+    if withheld is not None:
+        batch["withheld"] = torch.tensor(withheld, dtype=torch.int64)
+    return batch
 
 
 def _ignore_job_signals(worker_id: int) -> None:

@@ -7,6 +7,12 @@ Sample keys must never contain a dot: webdataset splits a member name into key a
 the *first* dot of its base name, so ``a.b.png`` would be read as key ``a`` with field ``b.png``.
 Members of one sample must also be adjacent in the tar, because readers group consecutive members
 by key; :class:`webdataset.TarWriter` writes a sample's members together.
+
+A partially labeled training set (``write_folder``'s ``labeled_per_class`` or ``labeled_fraction``)
+writes its unlabeled samples without ``.cls``. Their true label goes to ``<key>.withheld.cls``
+instead, only so that the accuracy of pseudo-labels can be measured: training must never read it
+as a label (the stream takes ``cls`` alone as the label, and webdataset names this field
+``withheld.cls``).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import sys
 import tarfile
 from collections import Counter
 from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 import webdataset as wds
@@ -53,6 +60,7 @@ def write_shard_set(
     overwrite: bool = False,
     progress: bool = True,
     total: int | None = None,
+    withheld: AbstractSet[str] = frozenset(),
 ) -> Path:
     """Write samples as webdataset tars ``<prefix>-000000.tar``, ... plus their index.
 
@@ -60,6 +68,11 @@ def write_shard_set(
     ``<key>.cls`` (the label in ASCII decimal). The index records each shard's samples per label.
     Each tar is written under a temporary name and renamed once complete, and the index is written
     last, so an interrupted run never leaves a shard set that looks complete.
+
+    A sample whose key is in ``withheld`` is unlabeled: it gets ``<key>.withheld.cls`` instead of
+    ``<key>.cls``, the label kept only to measure pseudo-label accuracy, never to train on. The
+    index then records the labeled keys and counts only labeled samples per label (see
+    :mod:`distrain.data.index`).
 
     Args:
         samples: ``(key, image_bytes, ext, label)`` tuples in the order to store them. Keys must
@@ -72,6 +85,7 @@ def write_shard_set(
         overwrite: Replace the tars and index already in ``out_dir`` instead of refusing.
         progress: Show a progress bar on stderr.
         total: The number of samples, for the progress bar only.
+        withheld: Keys of the samples to write unlabeled.
 
     Returns:
         ``out_dir``.
@@ -79,7 +93,8 @@ def write_shard_set(
     Raises:
         DistrainError: ``out_dir`` is not an empty directory (and ``overwrite`` is off),
             ``samples_per_shard`` is below 1, or there are no samples.
-        ValueError: A malformed sample (bad key, duplicate key, extension or label).
+        ValueError: A malformed sample (bad key, duplicate key, extension or label), or a
+            ``withheld`` key that no sample has.
     """
     out_dir = Path(out_dir)
     if samples_per_shard < 1:
@@ -88,6 +103,7 @@ def write_shard_set(
 
     shards: list[tuple[str, int]] = []
     class_counts: list[list[int]] = []
+    labeled_keys: list[list[str]] = []
     seen: set[str] = set()
     writer: _ShardFile | None = None
     bar = _bar(total=total, desc=f"writing {prefix}", progress=progress)
@@ -97,8 +113,14 @@ def write_shard_set(
             if writer is None:
                 writer = _ShardFile(out_dir / f"{prefix}-{len(shards):06d}.tar")
                 class_counts.append([0] * len(classes))
-            writer.write({"__key__": key, ext: data, "cls": str(label).encode("ascii")})
-            class_counts[-1][label] += 1
+                labeled_keys.append([])
+            cls = str(label).encode("ascii")
+            if key in withheld:
+                writer.write({"__key__": key, ext: data, "withheld.cls": cls})
+            else:
+                writer.write({"__key__": key, ext: data, "cls": cls})
+                class_counts[-1][label] += 1
+                labeled_keys[-1].append(key)
             bar.update()
             if writer.count == samples_per_shard:
                 shards.append(writer.finish())
@@ -112,7 +134,10 @@ def write_shard_set(
             writer.abandon()
     if not shards:
         raise DistrainError(f"{out_dir}: no samples to write")
-    write_index(out_dir, shards, classes, class_counts)
+    unknown = set(withheld) - seen
+    if unknown:
+        raise ValueError(f"withheld key {min(unknown)!r} is no sample's key")
+    write_index(out_dir, shards, classes, class_counts, labeled_keys)
     return out_dir
 
 
@@ -182,6 +207,7 @@ def write_digits(
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    labeled_per_class: int | None = None,
 ) -> dict[str, Path]:
     """Write scikit-learn's digits (1797 real 8x8 scans of handwritten digits) as shard sets.
 
@@ -195,12 +221,14 @@ def write_digits(
         seed: Shuffles the training order before sharding.
         overwrite: Replace existing shard sets in ``out``.
         progress: Show progress bars on stderr.
+        labeled_per_class: Make ``train`` partially labeled, as :func:`write_folder` does (the
+            choice drawn by ``seed``), the labeled samples also in ``out/labeled``. None: all labeled.
 
     Returns:
-        ``{"train": out/train, "test": out/test}``.
+        ``{"train": out/train, "test": out/test}``, plus ``"labeled"`` when partially labeled.
 
     Raises:
-        DistrainError: ``out`` is not empty and ``overwrite`` is off.
+        DistrainError: ``out`` is not empty and ``overwrite`` is off, or a bad ``labeled_per_class``.
     """
     # Imported here: scikit-learn is slow to import and only this converter needs it.
     from sklearn.datasets import load_digits
@@ -215,13 +243,22 @@ def write_digits(
     random.Random(seed).shuffle(train)
     classes = [str(d) for d in range(10)]
 
+    def key(i: int) -> str:
+        return f"digits-{i:06d}"
+
     def samples(order: list[int]):
         for i in order:
             gray = Image.fromarray((digits.images[i] * (255 / 16)).round().astype("uint8"))
             buf = io.BytesIO()
             gray.resize((32, 32), Image.Resampling.BILINEAR).convert("RGB").save(buf, format="PNG")
-            yield f"digits-{i:06d}", buf.getvalue(), "png", int(digits.target[i])
+            yield key(i), buf.getvalue(), "png", int(digits.target[i])
 
+    sets = [("train", train, frozenset()), ("test", sorted(test), frozenset())]
+    if _labeled_flag(labeled_per_class, None):
+        items = [(key(i), Path(key(i)), "png", int(digits.target[i])) for i in train]
+        labeled = _labeled_keys(items, classes, labeled_per_class, None, seed)
+        sets = [("train", train, {key(i) for i in train} - labeled), sets[1],
+                ("labeled", [i for i in train if key(i) in labeled], frozenset())]
     return {
         split: write_shard_set(
             samples(order),
@@ -232,8 +269,9 @@ def write_digits(
             overwrite=overwrite,
             progress=progress,
             total=len(order),
+            withheld=withheld,
         )
-        for split, order in (("train", train), ("test", sorted(test)))
+        for split, order, withheld in sets
     }
 
 
@@ -249,6 +287,9 @@ def write_folder(
     train_per_class: int = 0,
     imbalance_ratio: float = 1.0,
     imbalance_seed: int = 0,
+    labeled_per_class: int | None = None,
+    labeled_fraction: float | None = None,
+    labeled_seed: int = 0,
 ) -> dict[str, Path]:
     """Write a class-per-folder image tree as shard sets.
 
@@ -282,16 +323,34 @@ def write_folder(
         imbalance_seed: Which images a class keeps under ``imbalance_ratio``: the first ones of a
             permutation of its sorted files drawn for (seed, label), whatever the shuffle. One
             permutation serves every ratio, so a larger ratio keeps a subset of a smaller one's.
+        labeled_per_class: Make the ``train`` split partially labeled, after the selections
+            above, for semi-supervised training: this many images of each class keep their
+            label, the others are written without ``.cls`` and with their label withheld as
+            ``.withheld.cls`` (for measuring pseudo-label accuracy only; never a training label).
+            The labeled images are also written, as a fully labeled set, to ``out/labeled``.
+            None: all are labeled.
+        labeled_fraction: Like ``labeled_per_class``, with ``round(labeled_fraction * n)`` labeled
+            images (at least 1; Python's ``round``, so ties go to the even count) for a class of
+            ``n``; in (0, 1].
+        labeled_seed: Which images of a class keep their label: the first ones of a permutation
+            of its sorted files drawn for (seed, label), whatever the shuffle, so that fewer labels
+            keep a subset of more labels'.
+
+    Returns:
+        The shard-set directory of each split written, plus ``"labeled"`` for a partially labeled
+        ``train`` split.
 
     Raises:
         DistrainError: ``src`` is missing or has no class folders, a class folder has no images,
             a split has a class folder the first split lacks, an image is unreadable or neither
-            JPEG, PNG nor WebP, ``out`` is not empty and ``overwrite`` is off, or
+            JPEG, PNG nor WebP, ``out`` is not empty and ``overwrite`` is off,
             ``imbalance_ratio`` is below 1, leaves a class no training image or has no ``train``
-            split to apply to.
+            split to apply to, or ``labeled_per_class`` and ``labeled_fraction`` are both given,
+            out of range, exceed a class's training images or have no ``train`` split.
     """
     if not 1 <= imbalance_ratio < math.inf:
         raise DistrainError(f"--imbalance-ratio: must be a number >= 1, got {imbalance_ratio:g}")
+    partial = _labeled_flag(labeled_per_class, labeled_fraction)
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise DistrainError(f"{src}: no such directory")
@@ -299,6 +358,8 @@ def write_folder(
     splits = {name: src / name for name in _SPLITS if _class_dirs(src / name)} or {"train": src}
     if imbalance_ratio != 1 and "train" not in splits:
         raise DistrainError(f"--imbalance-ratio: {src} has no train split to make long-tailed")
+    if partial and "train" not in splits:
+        raise DistrainError(f"{partial}: {src} has no train split to label partially")
     first = next(iter(splits))
     found = [d.name for d in _class_dirs(splits[first])]
     if not found:
@@ -321,17 +382,65 @@ def write_folder(
             items = _first_per_class(items, train_per_class)
         if split == "train" and imbalance_ratio != 1:
             items = _long_tailed(items, classes, imbalance_ratio, imbalance_seed)
-        result[split] = write_shard_set(
-            ((key, path.read_bytes(), ext, label) for key, path, ext, label in items),
-            out / split,
-            classes=classes,
-            prefix=split,
-            samples_per_shard=samples_per_shard,
-            overwrite=overwrite,
-            progress=progress,
-            total=len(items),
-        )
+        sets = [(split, items, frozenset())]
+        if split == "train" and partial:
+            labeled = _labeled_keys(items, classes, labeled_per_class, labeled_fraction, labeled_seed)
+            # The labeled images also on their own, so that a supervised phase can train on them alone.
+            sets = [(split, items, {item[0] for item in items} - labeled),
+                    ("labeled", [item for item in items if item[0] in labeled], frozenset())]
+        for name, chosen, withheld in sets:
+            result[name] = write_shard_set(
+                ((key, path.read_bytes(), ext, label) for key, path, ext, label in chosen),
+                out / name,
+                classes=classes,
+                prefix=name,
+                samples_per_shard=samples_per_shard,
+                overwrite=overwrite,
+                progress=progress,
+                total=len(chosen),
+                withheld=withheld,
+            )
     return result
+
+
+def _labeled_flag(per_class: int | None, fraction: float | None) -> str | None:
+    """The partial-labeling flag in use (for error messages), after checking the values; None for
+    a fully labeled set."""
+    if per_class is not None and fraction is not None:
+        raise DistrainError("--labeled-per-class, --labeled-fraction: give one of them, not both")
+    if per_class is not None:
+        if per_class < 1:
+            raise DistrainError(f"--labeled-per-class: must be at least 1, got {per_class}")
+        return "--labeled-per-class"
+    if fraction is not None:
+        if not 0 < fraction <= 1:
+            raise DistrainError(f"--labeled-fraction: must be in (0, 1], got {fraction:g}")
+        return "--labeled-fraction"
+    return None
+
+
+def _labeled_keys(
+    items: list[tuple[str, Path, str, int]], classes: list[str], per_class: int | None,
+    fraction: float | None, seed: int,
+) -> set[str]:
+    """The keys of the items that keep their label: ``per_class`` of each label, or
+    ``round(fraction * n)`` (at least 1) of a label's ``n``."""
+    by_label: dict[int, list[tuple[Path, str]]] = {}
+    for key, path, _, label in items:
+        by_label.setdefault(label, []).append((path, key))
+    kept: set[str] = set()
+    for label, files in sorted(by_label.items()):
+        n = per_class if per_class is not None else max(1, round(fraction * len(files)))
+        if n > len(files):
+            raise DistrainError(
+                f"--labeled-per-class: {n} exceeds the {len(files)} training images of class {classes[label]}"
+            )
+        # As _long_tailed: a permutation of the sorted files rather than their first ones, drawn per
+        # (seed, label) so that it ignores the shuffle and a smaller count keeps a subset.
+        files.sort()
+        random.Random(f"labeled {seed} {label}").shuffle(files)
+        kept.update(key for _, key in files[:n])
+    return kept
 
 
 def _class_dirs(root: Path) -> list[Path]:
@@ -449,9 +558,11 @@ def _one_line(e: Exception) -> str:
 def index_shards(directory: str | Path, *, classes: list[str] | None = None) -> Path:
     """Write ``index.json`` for a directory of existing webdataset tars.
 
-    Counts the samples of each ``*.tar`` (in sorted name order) as the distinct keys that have a
-    ``.cls`` member, splitting member names into key and extension the way webdataset does, and
-    the samples of each label among them.
+    Counts the samples of each ``*.tar`` (in sorted name order) as the distinct keys that have an
+    image or a ``.cls`` member, splitting member names into key and extension the way webdataset
+    does; the labeled ones are those with ``.cls``, and the samples of each label are counted among
+    them. Tars with unlabeled samples (no ``.cls``; a ``.withheld.cls`` is not a label) get a
+    partially labeled set's index, the same as :func:`write_shard_set` writes for them.
 
     Args:
         directory: Directory holding the tars.
@@ -472,15 +583,24 @@ def index_shards(directory: str | Path, *, classes: list[str] | None = None) -> 
         raise DistrainError(f"{directory}: no .tar shards to index")
     shards = []
     labels: list[Counter] = []
+    labeled_keys: list[list[str]] = []
     max_label = -1
     for path in tars:
+        samples: set[str] = set()
         keys: dict[str, int] = {}
         try:
             with tarfile.open(path, "r|*") as tar:
                 for member in tar:
                     key, ext = base_plus_ext(member.name)
-                    if not member.isreg() or key is None or ext.lower() != "cls":
+                    if not member.isreg() or key is None:
                         continue
+                    ext = ext.lower()
+                    # A .cls without an image still counts: the stream reads it, as a bad sample.
+                    if ext in IMAGE_EXTS:
+                        samples.add(key)
+                    if ext != "cls":
+                        continue
+                    samples.add(key)
                     label = int(tar.extractfile(member).read().decode("ascii").strip())
                     if label < 0:
                         raise ValueError(f"{member.name}: negative label {label}")
@@ -488,8 +608,9 @@ def index_shards(directory: str | Path, *, classes: list[str] | None = None) -> 
                     max_label = max(max_label, label)
         except (tarfile.TarError, OSError, ValueError) as e:
             raise DistrainError(f"{path}: unreadable shard ({_one_line(e)})") from None
-        shards.append((path.name, len(keys)))
+        shards.append((path.name, len(samples)))
         labels.append(Counter(keys.values()))
+        labeled_keys.append(list(keys))
     given = classes is not None
     if classes is None:
         classes = _indexed_classes(directory) or [str(i) for i in range(max_label + 1)]
@@ -500,7 +621,7 @@ def index_shards(directory: str | Path, *, classes: list[str] | None = None) -> 
             "(delete it to index with numbered classes)"
         )
     counts = [[c[i] for i in range(len(classes))] for c in labels]
-    return write_index(directory, shards, classes, counts)
+    return write_index(directory, shards, classes, counts, labeled_keys)
 
 
 def _indexed_classes(directory: Path) -> list[str] | None:

@@ -73,6 +73,12 @@ def resolve_data(cfg: Config) -> DataSets:
         raise DistrainError(
             f"data.num_classes: {cfg.data.num_classes} is less than the {len(train.classes)} classes in the index"
         )
+    if train.labeled < train.total and cfg.ssl.method == "none" and not cfg.lp.enabled:
+        raise DistrainError(
+            f"data.train: {train.total - train.labeled} of the {train.total} samples in {cfg.data.train} are "
+            "unlabeled; train on the labeled ones alone (the writer's labeled/ split), or set lp.enabled or "
+            "ssl.method to use them"
+        )
     resampling = None
     if cfg.data.resample != "none":
         resampling = Resampling(train, cfg.data.resample, cfg.data.repeat_threshold, cfg.seed)
@@ -97,14 +103,17 @@ def train_stream(cfg: Config, data: DataSets, plan: BatchPlan, accelerator: Acce
         shuffle_block=d.shuffle_block,
         repeats=d.repeats,
         resampling=data.resampling,
-        # A self-supervised phase trains on two views of each sample, labeled or not.
+        # A self-supervised phase trains on two views of each sample, labeled or not; label
+        # propagation gives the unlabeled ones pseudo-labels.
         views=ssl_views(cfg),
-        require_labels=cfg.ssl.method == "none",
+        require_labels=cfg.ssl.method == "none" and not cfg.lp.enabled,
     )
 
 
-def eval_stream(cfg: Config, shards: ShardSet, rank: int, world_size: int, num_classes: int) -> ShardStream:
-    """An eval stream over ``shards`` for ``rank`` of ``world_size``."""
+def eval_stream(cfg: Config, shards: ShardSet, rank: int, world_size: int, num_classes: int,
+                require_labels: bool = True) -> ShardStream:
+    """An eval stream over ``shards`` for ``rank`` of ``world_size`` (``require_labels=False``: the
+    training shards' features, unlabeled samples included)."""
     return ShardStream(
         shards,
         rank=rank,
@@ -113,6 +122,7 @@ def eval_stream(cfg: Config, shards: ShardSet, rank: int, world_size: int, num_c
         seed=cfg.seed,
         num_classes=num_classes,
         eval_resize=EvalResize(cfg.data.eval_resize, cfg.data.eval_crop),
+        require_labels=require_labels,
     )
 
 

@@ -353,8 +353,14 @@ def _train(phase: Phase, accelerator: Accelerator, signals: StopSignals, resume:
         while state.update < last_update and not run.stopper.stopped:
             stream.set_position(state.epoch, state.batch_in_epoch)
             stream.set_size(train_size(cfg, state.epoch))
+            epoch_metrics = objective.start_epoch(state.epoch, model, stream, to_device)  # label propagation
+            if epoch_metrics:
+                logger.log(state.update, state.epoch, epoch_metrics)
+                progress.write(f"distrain: epoch {state.epoch}: " + ", ".join(
+                    f"{k} {v:.4g}" for k, v in epoch_metrics.items()))
             for batch, images, targets in prefetch_to_device(loader(cfg, stream), to_device):
                 new_bad += batch["bad"]
+                targets = objective.targets_of(batch, targets)
                 micro = state.batch_in_epoch % plan.accumulation
                 at_epoch = state.update / plan.updates_per_epoch
                 if micro == 0:  # also undoes the eval mode an evaluation leaves

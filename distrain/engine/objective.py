@@ -6,8 +6,12 @@ signals; it calls the phase's objective at these points:
 
 - ``build_model()``: once, before wrapping: the unwrapped model, weights loaded and what must not
   train frozen;
+- ``start_epoch(epoch, model, stream, to_device)``: before the training stream (re)starts in an
+  epoch: label propagation makes its pseudo-labels here and hands them to the stream;
 - ``train_mode(wrapper, model, epoch)``: before each update (``epoch`` fractional: frozen blocks
   unfreeze at their epoch);
+- ``targets_of(batch, labels)``: a micro-batch's targets from the host batch and its labels on the
+  device (label propagation adds the stream's per-sample weights);
 - ``augment(images, targets, seed)``: each micro-batch's device-side augmentation, drawn from the
   rank's per-micro-batch seeds (see :mod:`distrain.parallel.rng`);
 - ``loss(model, images, targets)``: the micro-batch's loss;
@@ -18,7 +22,9 @@ signals; it calls the phase's objective at these points:
   on every rank (BYOL's target), saved as checkpoint extras by name and restored on resume.
 
 :class:`Classification` is supervised training on labels (the main phase, fine-tuning, linear
-probes, FixRes); :class:`Distillation` adds a frozen teacher's outputs to the labels. Besides the
+probes, FixRes); :class:`Distillation` adds a frozen teacher's outputs to the labels; the
+self-supervised objectives are in :mod:`distrain.engine.selfsup`, label propagation in
+:mod:`distrain.engine.semisup`. Besides the
 points above, an objective gives the loop ``start_metrics(...)`` (logged once when the phase starts)
 and ``window_metrics(...)`` (merged into each logged training window).
 """
@@ -109,6 +115,14 @@ class Classification:
             self._unfreeze = unfreeze_epochs(model, self.cfg.transfer.unfreeze_every)
         self.frozen_start = {n: p.detach().float().clone() for n, p in model.named_parameters() if not p.requires_grad}
         return model
+
+    def start_epoch(self, epoch: int, model: nn.Module, stream, to_device: ToDevice) -> dict[str, float]:
+        """Called before the training stream (re)starts in ``epoch``; returns metrics to log (none here)."""
+        return {}
+
+    def targets_of(self, batch: dict, labels: torch.Tensor) -> torch.Tensor:
+        """A micro-batch's targets: its labels."""
+        return labels
 
     def train_mode(self, wrapper: nn.Module, model: nn.Module, epoch: float) -> None:
         """Training mode, except for frozen layers, whose BN statistics, dropout and drop-path act
@@ -262,13 +276,20 @@ def _mixcut(cfg: Config, num_classes: int, plan: BatchPlan, copies: int) -> MixC
 
 def make_objective(cfg: Config, data: DataSets, plan: BatchPlan, batch_copies: int, accelerator: Accelerator,
                    fixres: bool = False):
-    """The phase's objective: self-supervised under ``ssl.method``, distillation when
-    ``distill.teacher`` is set, else classification.
+    """The phase's objective: self-supervised under ``ssl.method``, label propagation under
+    ``lp.enabled``, distillation when ``distill.teacher`` is set, else classification.
 
     Args:
         data: The phase's data sets: classes, class frequencies (``loss.*``), the training shards
-            (the SSL kNN monitor's bank).
+            (the SSL kNN monitor's bank, label propagation's features).
     """
+    if cfg.lp.enabled:
+        from distrain.engine.build import eval_stream, loader
+        from distrain.engine.semisup import LabelPropagation
+
+        every = loader(cfg, eval_stream(cfg, data.train, accelerator.process_index, accelerator.num_processes,
+                                        data.num_classes, require_labels=False))
+        return LabelPropagation(cfg, data.num_classes, plan, batch_copies, every, accelerator)
     if cfg.ssl.method != "none":
         from distrain.engine.build import eval_stream, loader
         from distrain.engine.selfsup import BYOL, SimCLR

@@ -167,6 +167,12 @@ class _SelfSupervised:
         encoder, width = self._encoder()
         return SSLModel(encoder, width, self.cfg.ssl.proj_hidden, self.cfg.ssl.proj_dim)
 
+    def start_epoch(self, epoch: int, model: nn.Module, stream, to_device: ToDevice) -> dict[str, float]:
+        return {}
+
+    def targets_of(self, batch: dict, labels: torch.Tensor) -> torch.Tensor:
+        return labels
+
     def train_mode(self, wrapper: nn.Module, model: nn.Module, epoch: float) -> None:
         wrapper.train()
 

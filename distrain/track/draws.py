@@ -36,7 +36,10 @@ class DrawLog:
         self._file.close()
 
 
-def _checksum(t: torch.Tensor) -> float:
-    """A position-weighted float64 sum: equal for equal tensors, different for permuted ones."""
+def _checksum(t: torch.Tensor | tuple[torch.Tensor, ...]) -> float:
+    """A position-weighted float64 sum: equal for equal tensors, different for permuted ones (of
+    each part, added, for targets made of several tensors)."""
+    if isinstance(t, tuple):
+        return sum(_checksum(part) for part in t)
     flat = t.detach().double().flatten()
     return (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)).sum().item()
