@@ -186,7 +186,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     phases = phase_configs(cfg) or [cfg]
     world = args.nodes * args.gpus_per_node
     # A resampled epoch's length comes from the index's class counts, so it needs the data.
-    plans = [make_plan(c, world, c.data.train_samples if c.data.train_samples and c.data.resample == "none"
+    plans = [make_plan(c, world, c.data.train_samples if c.data.train_samples and not _resampled(c)
                        else _indexed_train_samples(c)) for c in phases]
     if args.json:
         docs = [{**p.as_dict(), "class_imbalance": _class_imbalance(_train_shards(c))} for c, p in zip(phases, plans)]
@@ -217,8 +217,7 @@ def _plan_rows(cfg, plan, args: argparse.Namespace) -> list[tuple[str, object]]:
         ("per-device batch", plan.per_device),
         ("accumulation", plan.accumulation),
         ("global batch", plan.global_batch),
-        ("training samples", plan.train_samples if cfg.data.resample == "none" else
-         f"{plan.train_samples} per epoch after data.resample: {cfg.data.resample}"),
+        ("training samples", f"{plan.train_samples}{_resampled(cfg)}"),
         *_imbalance_rows(_train_shards(cfg)),
         ("updates per epoch", plan.updates_per_epoch),
         ("samples per epoch", plan.samples_per_epoch),
@@ -272,6 +271,15 @@ def _plan_rows(cfg, plan, args: argparse.Namespace) -> list[tuple[str, object]]:
     return rows
 
 
+def _resampled(cfg) -> str:
+    """What expands the phase's epochs, as the plan's row says it ("" when nothing does)."""
+    if cfg.lp.epoch_share:
+        return f" per epoch after lp.labeled_share: {cfg.lp.epoch_share:g} (labeled samples oversampled)"
+    if cfg.data.resample != "none":
+        return f" per epoch after data.resample: {cfg.data.resample}"
+    return ""
+
+
 def _indexed_train_samples(cfg) -> int:
     from distrain.data.resample import epoch_samples
     from distrain.data.shards import resolve_shards
@@ -279,10 +287,11 @@ def _indexed_train_samples(cfg) -> int:
     if not cfg.data.train:
         raise DistrainError("data.train_samples: set it (or data.train) so the plan knows the dataset size")
     try:
-        return epoch_samples(resolve_shards(cfg.data.train), cfg.data.resample, cfg.data.repeat_threshold)
+        return epoch_samples(resolve_shards(cfg.data.train), cfg.data.resample, cfg.data.repeat_threshold,
+                             cfg.lp.epoch_share)
     except DistrainError as e:
-        if cfg.data.resample != "none":
-            raise DistrainError(f"{e} (data.resample sizes epochs from the shard index's class counts)") from None
+        if _resampled(cfg):
+            raise DistrainError(f"{e} (resampling sizes epochs from the shard index's class counts)") from None
         raise DistrainError(f"{e}; or set data.train_samples to plan without the data") from None
 
 

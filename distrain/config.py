@@ -400,6 +400,14 @@ class LabelPropagationConfig:
     """Weight each class's loss by the inverse of its pseudo-label count (the paper)."""
     block: int = 1024
     """Query rows per block of the exact kNN search: memory 4 x block x N bytes."""
+    labeled_share: float = 0.0
+    """Share of each epoch (and so of each batch, on average) given to labeled samples, which are
+    oversampled to reach it (the reference code: half of each batch); 0 keeps the data's own share."""
+
+    @property
+    def epoch_share(self) -> float:
+        """The labeled share the phase's epochs are expanded to (0: none, also when LP is off)."""
+        return self.labeled_share if self.enabled else 0.0
 
 
 @dataclass

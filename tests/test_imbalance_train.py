@@ -23,7 +23,7 @@ def test_two_ranks_train_on_a_resampled_epoch_with_every_loss_term(tmp_path, dig
                        "logit_adjust_tau": 1.0},
                  mix={"mixup_alpha": 0.2}, train={"log_every": 5}, distributed={"timeout_s": 120})
     checked(distrain(["train", cfg], cwd=tmp_path, nproc=2))
-    expanded = Resampling(resolve_shards(str(digits / "train")), "repeat_factor", 0.2, 0).total
+    expanded = Resampling.by_class(resolve_shards(str(digits / "train")), "repeat_factor", 0.2, 0).total
     assert expanded > 1437  # repeat factors at t = 0.2 with 10 classes of ~10%: every class repeated
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     # 2 ranks x 16 x accumulation 2 = 64 per update, over the resampled epoch

@@ -4,6 +4,7 @@ form, pseudo-labels and weights, the config's refusals, and the stream serving p
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from distrain.config import from_dict
 from distrain.data.index import ShardSet, write_index
+from distrain.data.resample import Resampling, epoch_samples
 from distrain.data.shards import resolve_shards
 from distrain.data.stream import PAD_LABEL, UNLABELED, Augment, EvalResize, KeyedTargets, ShardStream, StreamError
 from distrain.errors import DistrainError
@@ -101,6 +103,7 @@ def test_two_clusters_are_labelled_from_one_label_each():
     ({"loss": {"class_weights": "inverse"}}, "loss.class_weights"),
     ({"lp": {"alpha": 1.0}}, "lp.alpha"),
     ({"lp": {"k": 0}}, "lp.k"),
+    ({"lp": {"labeled_share": 1.0}}, "lp.labeled_share"),
 ])
 def test_what_label_propagation_cannot_do_is_refused_by_key(settings, key):
     doc = {**settings, "lp": {"enabled": True, **settings.get("lp", {})}}
@@ -108,9 +111,9 @@ def test_what_label_propagation_cannot_do_is_refused_by_key(settings, key):
         from_dict(doc)
 
 
-def _partial(out, n=24, labeled=range(0, 24, 3), shards=3):
+def _partial(out, n=24, labeled=range(0, 24, 3), shards=3, counts=False):
     """``n`` samples over ``shards`` tars; sample j has key s<j>, label j % 4 where labeled, else
-    none (its label kept as .withheld.cls)."""
+    none (its label kept as .withheld.cls); ``counts`` writes the index's labeled class counts and keys."""
     out.mkdir()
     per = n // shards
     for i in range(shards):
@@ -120,14 +123,18 @@ def _partial(out, n=24, labeled=range(0, 24, 3), shards=3):
                 sample = {"__key__": f"s{j:03d}", "png": image_bytes(j)}
                 sample["cls" if j in labeled else "withheld.cls"] = label
                 tw.write(sample)
-    write_index(out, [(f"shard-{i}.tar", per) for i in range(shards)], list("abcd"))
+    mine = [[j for j in range(i * per, (i + 1) * per) if j in labeled] for i in range(shards)]
+    write_index(out, [(f"shard-{i}.tar", per) for i in range(shards)], list("abcd"),
+                [np.bincount([j % 4 for j in js], minlength=4).tolist() for js in mine] if counts else None,
+                [[f"s{j:03d}" for j in js] for js in mine] if counts else None)
     return resolve_shards(str(out))
 
 
-def _train(shards: ShardSet, rank, world, batch):
+def _train(shards: ShardSet, rank, world, batch, resampling=None):
+    total = resampling.total if resampling else shards.total
     return ShardStream(shards, rank=rank, world_size=world, batch_size=batch, seed=3, num_classes=4,
-                       augment=Augment(8, (0.5, 1.0), (0.75, 1.33), True),
-                       batches_per_epoch=shards.total // (world * batch), require_labels=False)
+                       augment=Augment(8, (0.5, 1.0), (0.75, 1.33), True), shuffle_block=16,
+                       batches_per_epoch=total // (world * batch), require_labels=False, resampling=resampling)
 
 
 @pytest.mark.parametrize("world, batch, workers", [(1, 8, 0), (2, 4, 2), (3, 2, 3)])
@@ -173,3 +180,72 @@ def test_the_feature_stream_keeps_unlabeled_samples_and_their_withheld_labels(tm
     assert sorted(got) == [f"s{j:03d}" for j in range(24)]
     for j in range(24):
         assert got[f"s{j:03d}"] == [(j % 4, PAD_LABEL) if j % 3 == 0 else (UNLABELED, j % 4)]
+
+
+# 48 samples over 3 shards of 16, 8 labeled (2 per class, in every shard): 40 unlabeled.
+SHARE_LABELED = (0, 1, 2, 3, 25, 26, 27, 44)
+
+
+@pytest.mark.parametrize("share, factor, total", [(0.5, 5.0, 80), (0.4, 40 * 0.4 / (0.6 * 8), 68)])
+def test_a_labeled_share_oversamples_the_labeled_samples_and_reads_the_others_once(tmp_path, share, factor, total):
+    shards = _partial(tmp_path / "s", n=48, labeled=SHARE_LABELED, counts=True)
+    rs = Resampling.labeled_share(shards, share, seed=3)
+    # each class's 2 labeled samples get round(2 x factor) copies; the 40 unlabeled one each
+    assert rs.total == total == 40 + 4 * round(2 * factor) == epoch_samples(shards, "none", 0.001, share)
+    keys = [f"s{j:03d}" for j in range(48)]
+    table = KeyedTargets(keys, np.zeros(48, dtype=np.int64), np.full(48, 0.5))
+    for epoch in (0, 1):
+        stream = _train(shards, 0, 1, 1, rs)  # batch 1 on 1 rank: every expanded position once
+        stream.set_targets(table)
+        stream.set_position(epoch)
+        seen = Counter()
+        for b in DataLoader(stream, batch_size=None, num_workers=2):
+            assert not b["bad"]
+            key = b["key"][0]
+            seen[key] += 1
+            j = int(key[1:])
+            # a labeled sample keeps its label at weight 1, an unlabeled one takes the table's
+            assert (b["label"].item(), b["weight"].item()) == ((j % 4, 1.0) if j in SHARE_LABELED else (0, 0.5))
+        assert sum(seen.values()) == total
+        assert all(seen[k] == 1 for j, k in enumerate(keys) if j not in SHARE_LABELED)
+        assert all(math.floor(factor) <= seen[keys[j]] <= math.ceil(factor) for j in SHARE_LABELED)
+        assert sum(seen[keys[j]] for j in SHARE_LABELED) / total == pytest.approx(share, abs=0.03)
+
+
+@pytest.mark.parametrize("world, batch, workers", [(2, 4, 2), (3, 2, 3)])
+def test_a_labeled_share_keeps_equal_batches_and_resumes_exactly(tmp_path, world, batch, workers):
+    shards = _partial(tmp_path / "s", n=48, labeled=SHARE_LABELED, counts=True)
+    rs = Resampling.labeled_share(shards, 0.4, seed=3)
+    table = KeyedTargets([f"s{j:03d}" for j in range(48)], np.ones(48, dtype=np.int64), np.ones(48))
+    per_rank = rs.total // (world * batch)
+    for rank in range(world):
+        stream = _train(shards, rank, world, batch, rs)
+        stream.set_targets(table)
+        stream.set_position(1)
+        full = list(DataLoader(stream, batch_size=None, num_workers=workers))
+        assert len(full) == per_rank and all(len(b["key"]) == batch and not b["bad"] for b in full)
+        stream.set_position(1, 2)
+        resumed = list(DataLoader(stream, batch_size=None, num_workers=workers))
+        assert [b["key"] for b in resumed] == [b["key"] for b in full[2:]]
+        assert all(torch.equal(a["image"], b["image"]) for a, b in zip(resumed, full[2:]))
+
+
+def test_a_labeled_share_needs_unlabeled_samples_and_class_counts(tmp_path):
+    full = _partial(tmp_path / "full", n=12, labeled=range(12), counts=True)
+    with pytest.raises(DistrainError, match=r"lp.labeled_share: .*12 labeled and 0 unlabeled"):
+        Resampling.labeled_share(full, 0.5, seed=0)
+    bare = _partial(tmp_path / "bare", n=12, labeled=range(0, 12, 2))
+    with pytest.raises(DistrainError, match=r"lp.labeled_share: .*no class counts"):
+        Resampling.labeled_share(bare, 0.5, seed=0)
+
+
+def test_the_plan_sizes_the_epoch_a_labeled_share_expands(tmp_path):
+    from conftest import checked, distrain
+
+    _partial(tmp_path / "s", n=48, labeled=SHARE_LABELED, counts=True)
+    cfg = tmp_path / "lp.yaml"
+    cfg.write_text(f"data: {{train: {tmp_path / 's'}, train_samples: 48}}\nbatch: {{per_device: 4}}\n"
+                   "lp: {enabled: true, labeled_share: 0.5}\n")
+    out = checked(distrain(["plan", str(cfg)], cwd=tmp_path)).stdout
+    assert "80 per epoch after lp.labeled_share: 0.5" in out
+    assert [line.split()[-1] for line in out.splitlines() if line.startswith("updates per epoch")] == ["20"]

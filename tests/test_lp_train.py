@@ -81,7 +81,10 @@ def test_two_ranks_propagate_as_one_and_resume_exactly(tmp_path, partial):
     # The first propagation, from the seeded init: features split over 2 ranks, the graph's rows and
     # the classes' diffusions too, give 1 rank's pseudo-labels.
     one = run(tmp_path / "one", 1, "train.max_updates=1", batch={"per_device": 64, "accumulation": 1})
-    two = run(tmp_path / "two", 2)
+    # The 2-rank runs also oversample the labeled samples to a fifth of each epoch: 1,337 unlabeled
+    # plus 330 labeled copies = 1,667 samples, 26 updates of 64 per epoch.
+    share = "lp.labeled_share=0.2"
+    two = run(tmp_path / "two", 2, share)
     first = [_lp_rounds(log)[0] for log in (one, two)]
     assert first[0]["lp/pseudo_top1"] == first[1]["lp/pseudo_top1"]
     assert first[0]["lp/mean_weight"] == pytest.approx(first[1]["lp/mean_weight"], rel=1e-5)
@@ -96,12 +99,12 @@ def test_two_ranks_propagate_as_one_and_resume_exactly(tmp_path, partial):
     # Stopped at the end of epoch 0 (the next propagation is due and runs on resume, from the
     # checkpoint's weights), then mid-epoch 1 (the targets in force come from the checkpoint).
     where = tmp_path / "resumed"
-    run(where, 2, "train.max_updates=22")
-    run(where, 2, "--resume", "auto", "train.max_updates=30")
-    resumed = run(where, 2, "--resume", "auto")
+    run(where, 2, share, "train.max_updates=26")
+    run(where, 2, share, "--resume", "auto", "train.max_updates=35")
+    resumed = run(where, 2, share, "--resume", "auto")
     losses = [{e["step"]: e["train/loss"] for e in log if "train/loss" in e} for log in (two, resumed)]
-    assert max(losses[0]) == max(losses[1]) == 44
-    assert all(losses[1][s] == losses[0][s] for s in range(23, 45))
+    assert max(losses[0]) == max(losses[1]) == 52
+    assert all(losses[1][s] == losses[0][s] for s in range(27, 53))
     rounds = _lp_rounds(resumed)
     assert [r["epoch"] for r in rounds] == [0, 1]  # epoch 1's made once, by the first resume
     assert rounds[1]["lp/pseudo_top1"] == _lp_rounds(two)[1]["lp/pseudo_top1"]

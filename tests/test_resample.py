@@ -56,7 +56,7 @@ def longtail(tmp_path_factory):
 
 
 def stream(shards, kind, rank=0, world=1, batch=1, batches=None, seed=0, threshold=0.5):
-    rs = Resampling(shards, kind, threshold, seed)
+    rs = Resampling.by_class(shards, kind, threshold, seed)
     return ShardStream(shards, rank=rank, world_size=world, batch_size=batch, seed=seed, num_classes=4, augment=AUG,
                        batches_per_epoch=batches or rs.total // (world * batch), shuffle_block=8, resampling=rs)
 
@@ -80,7 +80,7 @@ def test_factors_match_their_definitions():
 
 @pytest.mark.parametrize("kind", ["class_balanced", "sqrt", "repeat_factor"])
 def test_one_epoch_holds_each_class_exactly_its_total(longtail, kind):
-    rs = Resampling(longtail, kind, 0.5, seed=0)
+    rs = Resampling.by_class(longtail, kind, 0.5, seed=0)
     assert rs.total == epoch_samples(longtail, kind, 0.5) == sum(s.samples for s in rs.epoch_shards(3).shards)
     for epoch in (0, 1):
         # batch 1 on 1 rank: the epoch is every expanded position once
@@ -101,7 +101,7 @@ def test_one_epoch_holds_each_class_exactly_its_total(longtail, kind):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_equal_batches_on_every_rank_and_worker_layout(longtail, world):
-    rs = Resampling(longtail, "class_balanced", 0.5, seed=1)
+    rs = Resampling.by_class(longtail, "class_balanced", 0.5, seed=1)
     batches = rs.total // (world * 4)
     seen = Counter()
     for rank in range(world):
@@ -139,7 +139,7 @@ def test_copies_of_a_sample_are_augmented_differently(longtail):
 def test_an_index_without_class_counts_is_refused(tmp_path):
     shards = resolve_shards(str(write_labelled(tmp_path / "old", LABELS, [74], counts=False)))
     with pytest.raises(DistrainError, match=r"data.resample: .*shard-00.tar: its index.json has no class counts"):
-        Resampling(shards, "class_balanced", 0.001, 0)
+        Resampling.by_class(shards, "class_balanced", 0.001, 0)
 
 
 def test_plan_sizes_the_resampled_epoch(tmp_path):

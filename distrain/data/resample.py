@@ -19,6 +19,9 @@ where ``k`` is the floor or the ceiling of its class's factor ``r_c``:
   list is stored, and every rank reading any part of a shard derives the same positions from its
   content.
 
+The same expansion serves label propagation's labeled share (``lp.labeled_share``): every labeled
+sample gets one factor and every unlabeled one a single copy.
+
 The copies of a sample sit next to each other before the stream's block shuffle, so they spread over
 the ``data.shuffle_block`` samples around them rather than over the whole epoch: the usual
 streaming trade-off, which also keeps every sample read once per epoch whatever its factor.
@@ -76,40 +79,65 @@ def class_totals(counts: np.ndarray, factors: np.ndarray) -> np.ndarray:
 class Resampling:
     """The per-epoch expansion of a shard set: each shard's expanded size and each sample's copies.
 
+    Build it with :meth:`by_class` (``data.resample``) or :meth:`labeled_share`
+    (``lp.labeled_share``). Samples the index's class counts do not cover (the unlabeled samples of
+    a partially labeled set) get one copy each.
+
     Args:
         shards: The training shard set, with class counts in its index.
-        kind: One of :data:`KINDS` other than ``none``.
-        threshold: ``t`` of ``repeat_factor``.
+        factors: Copies per epoch of each sample of each label, on average (``r_c``).
         seed: The run's seed.
-
-    Raises:
-        DistrainError: the shard index holds no class counts.
     """
 
-    def __init__(self, shards: ShardSet, kind: str, threshold: float, seed: int):
-        counts = np.asarray(shards.class_counts, dtype=np.int64)
-        if counts.size == 0:
-            first = shards.shards[0].url if shards.shards else "the training shards"
-            raise DistrainError(
-                f"data.resample: {first}: its index.json has no class counts; add them with `distrain data index DIR`"
-            )
+    def __init__(self, shards: ShardSet, factors: np.ndarray, seed: int):
         self.shards, self.seed = shards, seed
-        self.counts = counts
-        self.factors = class_factors(counts, kind, threshold)
-        self.totals = class_totals(counts, self.factors)
-        self.base = np.floor_divide(self.totals, np.maximum(counts, 1))
-        self.extra = self.totals - self.base * counts
+        self.counts = np.asarray(shards.class_counts, dtype=np.int64)
+        self.factors = np.asarray(factors, dtype=np.float64)
+        self.totals = class_totals(self.counts, self.factors)
+        self.base = np.floor_divide(self.totals, np.maximum(self.counts, 1))
+        self.extra = self.totals - self.base * self.counts
         per_shard = np.asarray([s.class_counts for s in shards.shards], dtype=np.int64)
         # Where each shard's samples of each class start among that class's samples.
         self.offsets = np.cumsum(per_shard, axis=0) - per_shard
         self.per_shard = per_shard
+        self.uncounted = np.asarray([s.samples for s in shards.shards], dtype=np.int64) - per_shard.sum(axis=1)
         self._epoch: int | None = None
         self._extra_mask: list[np.ndarray] = []
+
+    @classmethod
+    def by_class(cls, shards: ShardSet, kind: str, threshold: float, seed: int) -> Resampling:
+        """``data.resample``: the factors of :func:`class_factors`.
+
+        Raises:
+            DistrainError: the shard index holds no class counts.
+        """
+        return cls(shards, class_factors(_counts(shards, "data.resample"), kind, threshold), seed)
+
+    @classmethod
+    def labeled_share(cls, shards: ShardSet, share: float, seed: int) -> Resampling:
+        """``lp.labeled_share``: every labeled sample gets the same factor, which makes ``share`` of
+        each epoch labeled samples; every unlabeled sample is read once.
+
+        The reference code of label propagation fills half of each batch with labeled samples
+        (a second sampler over them); on streamed shards the labeled ones are oversampled instead,
+        so the share holds per epoch and, within ``data.shuffle_block``, in each batch on average.
+
+        Raises:
+            DistrainError: no class counts in the index, or no unlabeled (or labeled) sample.
+        """
+        counts = _counts(shards, "lp.labeled_share")
+        labeled = int(counts.sum())
+        unlabeled = shards.total - labeled
+        if unlabeled <= 0 or labeled <= 0:
+            raise DistrainError(f"lp.labeled_share: {shards.shards[0].url}: its shard set has {labeled} labeled and "
+                                f"{unlabeled} unlabeled samples; the share needs both")
+        factor = share * unlabeled / ((1 - share) * labeled)
+        return cls(shards, np.where(counts > 0, factor, 0.0), seed)
 
     @property
     def total(self) -> int:
         """Samples in every expanded epoch."""
-        return int(self.totals.sum())
+        return int(self.totals.sum() + self.uncounted.sum())
 
     def class_frequencies(self) -> np.ndarray:
         """Samples of each class per expanded epoch (what the model sees: the prior it learns)."""
@@ -132,7 +160,7 @@ class Resampling:
         masks = self._masks(epoch)
         expanded = []
         for i, shard in enumerate(self.shards.shards):
-            size = int((self.per_shard[i] * self.base).sum())
+            size = int((self.per_shard[i] * self.base).sum() + self.uncounted[i])
             for c in np.flatnonzero(self.per_shard[i]):
                 lo = self.offsets[i, c]
                 size += int(masks[c][lo:lo + self.per_shard[i, c]].sum())
@@ -142,8 +170,8 @@ class Resampling:
     def copies(self, epoch: int) -> Callable[[str, int, int], int]:
         """``copies(url, label, j)``: copies this epoch of the ``j``-th sample labelled ``label`` in shard ``url``.
 
-        A sample the index does not account for (a label outside the counts, or more samples of a
-        label than the index says) gets one copy; the stream's per-shard sizes still hold, since
+        A sample the index does not account for (unlabeled, a label outside the counts, or more
+        samples of a label than the index says) gets one copy; the stream's per-shard sizes still hold, since
         reads stop at the expanded size the index gives.
         """
         masks = self._masks(epoch)
@@ -158,8 +186,34 @@ class Resampling:
         return copies
 
 
-def epoch_samples(shards: ShardSet, kind: str, threshold: float) -> int:
-    """Samples per training epoch: the shard set's, or its expansion's under resampling."""
-    if kind == "none":
-        return shards.total
-    return Resampling(shards, kind, threshold, seed=0).total
+def _counts(shards: ShardSet, key: str) -> np.ndarray:
+    counts = np.asarray(shards.class_counts, dtype=np.int64)
+    if counts.size == 0:
+        first = shards.shards[0].url if shards.shards else "the training shards"
+        raise DistrainError(f"{key}: {first}: its index.json has no class counts; add them with `distrain data index DIR`")
+    return counts
+
+
+def training_resampling(shards: ShardSet, resample: str, threshold: float, labeled_share: float,
+                        seed: int) -> Resampling | None:
+    """The expansion a training epoch reads, or None to read the shards as they are.
+
+    Args:
+        shards: The training shard set.
+        resample: ``data.resample``.
+        threshold: ``data.repeat_threshold``.
+        labeled_share: ``lp.labeled_share`` of a label-propagation phase (0: off). The two are
+            never both on (label propagation refuses ``data.resample``).
+        seed: The run's seed.
+    """
+    if labeled_share:
+        return Resampling.labeled_share(shards, labeled_share, seed)
+    if resample != "none":
+        return Resampling.by_class(shards, resample, threshold, seed)
+    return None
+
+
+def epoch_samples(shards: ShardSet, resample: str, threshold: float, labeled_share: float = 0.0) -> int:
+    """Samples per training epoch: the shard set's, or its expansion's (see :func:`training_resampling`)."""
+    rs = training_resampling(shards, resample, threshold, labeled_share, seed=0)
+    return rs.total if rs else shards.total

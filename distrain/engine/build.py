@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from distrain.config import Config
 from distrain.data.index import ShardSet
-from distrain.data.resample import Resampling
+from distrain.data.resample import Resampling, training_resampling
 from distrain.data.shards import resolve_shards
 from distrain.data.stream import Augment, EvalResize, ShardStream, make_loader
 from distrain.errors import DistrainError
@@ -24,7 +24,8 @@ from distrain.plan import BatchPlan
 
 @dataclass
 class DataSets:
-    """The resolved shard sets of a run, its number of classes and its class-aware resampling."""
+    """The resolved shard sets of a run, its number of classes and its resampling (by class, or to a
+    labeled share)."""
 
     train: ShardSet
     eval: ShardSet | None
@@ -79,9 +80,7 @@ def resolve_data(cfg: Config) -> DataSets:
             "unlabeled; train on the labeled ones alone (the writer's labeled/ split), or set lp.enabled or "
             "ssl.method to use them"
         )
-    resampling = None
-    if cfg.data.resample != "none":
-        resampling = Resampling(train, cfg.data.resample, cfg.data.repeat_threshold, cfg.seed)
+    resampling = training_resampling(train, cfg.data.resample, cfg.data.repeat_threshold, cfg.lp.epoch_share, cfg.seed)
     return DataSets(train, evalset, num_classes, resampling)
 
 

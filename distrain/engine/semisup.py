@@ -68,6 +68,8 @@ def check_label_propagation(cfg: Config) -> None:
                    ("lp.block", lp.block), ("lp.power", lp.power)):
         if v <= 0:
             raise DistrainError(f"{key}: must be > 0, got {v}")
+    if not 0 <= lp.labeled_share < 1:
+        raise DistrainError(f"lp.labeled_share: must be in [0, 1) (0 keeps the data's own share), got {lp.labeled_share}")
     if not 0 < lp.alpha < 1:
         raise DistrainError(f"lp.alpha: must be in (0, 1) (I - alpha S is then positive definite), got {lp.alpha}")
     refused = {
