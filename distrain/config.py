@@ -92,6 +92,12 @@ class DataConfig:
     gets exactly its share and every epoch has the same length."""
     repeat_threshold: float = 0.001
     """``t`` of ``resample: repeat_factor`` (detectron2's default)."""
+    cache_dir: str = ""
+    """A node-local directory where remote shards (URLs, ``s3://``, ``pipe:``) are kept after their
+    first read, for multi-epoch runs; shared by the node's ranks and workers (one download per
+    shard, atomic, never a partial file read). Empty: stream every epoch from the source."""
+    cache_max_gb: float = 100.0
+    """Size bound of ``cache_dir``: past it, the least recently used shards are deleted."""
 
 
 @dataclass
@@ -707,6 +713,8 @@ def _check_values(cfg: Config) -> None:
             f"model.ghost_batch_size: batch.per_device {cfg.batch.per_device} is not a multiple of "
             f"{cfg.model.ghost_batch_size}"
         )
+    if cfg.data.cache_max_gb <= 0:
+        raise DistrainError(f"data.cache_max_gb: must be positive, got {cfg.data.cache_max_gb}")
     if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
         raise DistrainError(f"data.max_bad_fraction: must be in [0, 1], got {cfg.data.max_bad_fraction}")
     for key, v in (("data.repeat_threshold", cfg.data.repeat_threshold), ("loss.focal_gamma", cfg.loss.focal_gamma),

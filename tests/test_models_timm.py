@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 from torch import nn
@@ -156,17 +154,18 @@ def test_every_torchvision_model_has_a_dropout_route():
         assert _tv_family(name) in _TV_OWN_DROPOUT or _tv_family(name) in _TV_CLASSIFIER, name
 
 
-def test_check_model_is_fast_and_leaves_the_rng_alone():
-    check_model(ModelConfig(name="timm/vit_small_patch16_224"))  # timm imported, caches warm
+def test_check_model_builds_no_real_weights_and_leaves_the_rng_alone():
+    # No timed assertion (the machines are noisy): what keeps validation cheap is that the model
+    # is built on the meta device, with no memory and no init work.
+    configs = [ModelConfig(name="timm/vit_small_patch16_224", drop_path_rate=0.1),
+               ModelConfig(name="resnet50", norm="group", drop_path_rate=0.1, dropout=0.2)]
+    assert all(p.is_meta for c in configs for p in create_meta_model(c, 1000).parameters())
     torch.manual_seed(0)
     expected = torch.rand(1)
     torch.manual_seed(0)
-    start = time.perf_counter()
-    check_model(ModelConfig(name="timm/vit_small_patch16_224", drop_path_rate=0.1))
-    check_model(ModelConfig(name="resnet50", norm="group", drop_path_rate=0.1, dropout=0.2))
-    elapsed = time.perf_counter() - start
+    for c in configs:
+        check_model(c)
     assert torch.equal(torch.rand(1), expected)
-    assert elapsed < 5.0, elapsed  # about 0.2 s each on a free CPU core
 
 
 # --- summary --------------------------------------------------------------------------------------
@@ -181,8 +180,6 @@ def test_model_summary_counts_without_touching_the_model():
     assert line == "cifar_resnet20: 0.27M parameters (0.27M trainable), 0.0408 GMACs per image at 32x32"
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # BN statistics included
     assert model.training and not model.layers[0].training and model.layers[1].training
-    start = time.perf_counter()
     assert model_summary(build("resnet50", 1000), 224).startswith(
         "ResNet: 25.56M parameters (25.56M trainable), 4.09 GMACs per image at 224x224")
-    assert time.perf_counter() - start < 5.0
     assert "MACs not counted" in model_summary(build("timm/vit_tiny_patch16_224"), 33)  # not a multiple of 16

@@ -158,21 +158,39 @@ def write_index(
 
 
 def read_index(directory: str | Path) -> dict:
-    """Read and check a shard-set index.
+    """Read and check a shard-set index, local or remote (:mod:`distrain.data.remote`).
 
     Raises:
         DistrainError: missing or malformed index, naming the file.
     """
+    from distrain.data import remote
+
+    if isinstance(directory, str) and remote.is_remote(directory):
+        where = remote.index_location(directory)
+        return parse_index(remote.read_index_bytes(where), where)
     path = Path(directory) / INDEX_NAME
     try:
-        doc = json.loads(path.read_text())
+        text = path.read_bytes()
     except FileNotFoundError:
         raise DistrainError(
             f"{path}: no shard index (write shards with `distrain data`, or index existing ones with "
             f"`distrain data index {directory}`)"
         ) from None
-    except (OSError, json.JSONDecodeError) as e:
+    except OSError as e:
         raise DistrainError(f"{path}: unreadable shard index ({e})") from None
-    if doc.get("format") != FORMAT or not isinstance(doc.get("shards"), list):
-        raise DistrainError(f"{path}: not a {FORMAT} index")
+    return parse_index(text, str(path))
+
+
+def parse_index(text: bytes, where: str) -> dict:
+    """Check and decode the bytes of a shard-set index read from ``where``.
+
+    Raises:
+        DistrainError: not JSON, or not a shard-set index, naming ``where``.
+    """
+    try:
+        doc = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DistrainError(f"{where}: unreadable shard index ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("shards"), list):
+        raise DistrainError(f"{where}: not a {FORMAT} index")
     return doc

@@ -1,7 +1,7 @@
 """Shard lists and who reads what.
 
-A shard spec (a shard-set directory, a tar path, a glob, a brace pattern, or a list of these)
-resolves to a :class:`ShardSet` whose counts come from each directory's ``index.json``. Each epoch
+A shard spec (a shard-set directory, a tar path, a glob, a brace pattern, a URL or ``pipe:``
+command (:mod:`distrain.data.remote`), or a list of these) resolves to a :class:`ShardSet` whose counts come from each directory's ``index.json``. Each epoch
 the shards are put in a deterministic order for (seed, epoch), and the concatenated sample
 sequence, read from an offset per (seed, epoch) and wrapping around at its end, is cut into
 contiguous ranges: one per rank, then one per DataLoader worker inside it.
@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import braceexpand
 import numpy as np
 
-from distrain.data.index import INDEX_NAME, Shard, ShardSet, read_index
+from distrain.data import remote
+from distrain.data.index import INDEX_NAME, Shard, ShardSet, parse_index, read_index
 from distrain.errors import DistrainError
 
 
@@ -29,7 +31,10 @@ def _expand(spec: str | list[str]) -> list[str]:
     paths: list[str] = []
     for s in specs:
         for pattern in braceexpand.braceexpand(s):
-            if os.path.isdir(pattern):
+            if remote.is_remote(pattern):
+                remote.check_spec(pattern)
+                paths.append(pattern)
+            elif os.path.isdir(pattern):
                 paths.append(pattern)
             elif glob.has_magic(pattern):
                 found = sorted(glob.glob(pattern))
@@ -43,34 +48,53 @@ def _expand(spec: str | list[str]) -> list[str]:
     return paths
 
 
+def _locate(path: str) -> tuple[str, list[str] | None, Callable[[str], str]]:
+    """Where the index of ``path``'s set is, the one tar name ``path`` names (None: the whole set),
+    and the location of each tar the index lists."""
+    if remote.is_remote(path):
+        if remote.is_directory(path):
+            return remote.index_location(path), None, lambda name: remote.shard_location(path, name)
+        return remote.index_location(path), [remote.tar_name(path)], lambda name: path
+    directory = Path(path) if os.path.isdir(path) else Path(path).parent
+    names = None if os.path.isdir(path) else [os.path.basename(path)]
+    return str(directory / INDEX_NAME), names, lambda name: str(directory / name)
+
+
+def _read_index(location: str) -> dict:
+    if remote.is_remote(location):
+        return parse_index(remote.read_index_bytes(location), location)
+    return read_index(Path(location).parent)
+
+
 def resolve_shards(spec: str | list[str]) -> ShardSet:
     """Resolve a shard spec to its shards and sample counts, using the shard-set indexes.
 
+    Local paths, URLs and ``pipe:`` commands may be mixed (:mod:`distrain.data.remote`); a remote
+    set's index is read with one request and its tars are not touched.
+
     Raises:
-        DistrainError: a missing path, an empty glob, a tar absent from its directory's index,
+        DistrainError: a missing path or index, an empty glob, a tar absent from its set's index,
             or shard sets with different class lists.
     """
     if not spec:
         raise DistrainError("no shards given")
     shards: list[Shard] = []
     classes: tuple[str, ...] | None = None
-    indexes: dict[Path, dict] = {}
+    indexes: dict[str, dict] = {}
     for path in _expand(spec):
-        directory = Path(path) if os.path.isdir(path) else Path(path).parent
-        if directory not in indexes:
-            indexes[directory] = read_index(directory)
-        doc = indexes[directory]
+        where, names, location = _locate(path)
+        if where not in indexes:
+            indexes[where] = _read_index(where)
+        doc = indexes[where]
         entries = {s["name"]: s for s in doc["shards"]}
-        if os.path.isdir(path):
+        if names is None:
             names = [s["name"] for s in doc["shards"]]
-        else:
-            names = [os.path.basename(path)]
-            if names[0] not in entries:
-                raise DistrainError(f"{path}: not listed in {directory / INDEX_NAME}")
-        shards.extend(Shard.from_entry(str(directory / n), entries[n]) for n in names)
+        elif names[0] not in entries:
+            raise DistrainError(f"{path}: not listed in {where}")
+        shards.extend(Shard.from_entry(location(n), entries[n]) for n in names)
         these = tuple(doc.get("classes", ()))
         if classes is not None and these != classes:
-            raise DistrainError(f"{directory / INDEX_NAME}: class list differs from the other shard sets")
+            raise DistrainError(f"{where}: class list differs from the other shard sets")
         classes = these
     unique = {s.url: s for s in shards}
     return ShardSet(tuple(sorted(unique.values(), key=lambda s: s.url)), classes or ())

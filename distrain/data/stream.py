@@ -47,7 +47,8 @@ sample positions bad ones, listed in the batch's ``"bad"`` as (shard url, sample
 reason) so that the training loop applies its policy (skip and count, or fail) on all ranks
 alike. Only data errors do: any other error (a bug in a crop or augmentation, a permission
 error, a full disk) raises :class:`StreamError`, naming the shard and sample, at once; a transient
-read error of a network filesystem is retried a few times before the rest of its shard is bad.
+read error of a network filesystem or a remote shard (a dropped connection, an HTTP 5xx, a failed
+``pipe:`` command) is retried a few times before the rest of its shard is bad.
 A bad eval position becomes a label ``-1`` padding sample, so metrics exclude it. A bad training
 position holds a copy of a good sample of its batch (cycling through them), or of the worker's
 last good sample when the whole batch is bad, or zeros with label ``-1`` when the worker has
@@ -77,11 +78,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
-from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from distrain.data.decode import IMAGE_EXTS, DecodeError, eval_sample, make_policy, train_sample
 from distrain.data.index import ShardSet
+from distrain.data.remote import ShardCache, open_shard
 from distrain.data.resample import Resampling
 from distrain.data.shards import Read, epoch_offset, reads_for_range, repeat_layout, shard_order, split_evenly
 from distrain.data.views import ViewAugment, ssl_view
@@ -252,6 +253,7 @@ def read_samples(
     num_classes: int,
     copies: Callable[[str, int, int], int] | None = None,
     require_labels: bool = True,
+    cache: ShardCache | None = None,
 ) -> Iterator[Sample]:
     """One :class:`Sample` for each sample position the reads cover, in order, bad ones included.
 
@@ -268,24 +270,26 @@ def read_samples(
             ``label`` in the shard fills (0 drops it); a bad sample fills one. The reads' ``skip``
             and ``take`` then count these positions.
         require_labels: False makes a sample without ``.cls`` a good one labelled :data:`UNLABELED`.
+        cache: Where remote shards are kept after their first read (``data.cache_dir``).
 
     Raises:
         StreamError: any other error, e.g. a permission error: it is not bad data, and is not
             retried.
     """
     for r in reads:
-        yield from _read_one(r, num_classes, copies, require_labels)
+        yield from _read_one(r, num_classes, copies, require_labels, cache)
 
 
 def _read_one(
-    r: Read, num_classes: int, copies: Callable[[str, int, int], int] | None, require_labels: bool
+    r: Read, num_classes: int, copies: Callable[[str, int, int], int] | None, require_labels: bool,
+    cache: ShardCache | None,
 ) -> Iterator[Sample]:
     n, key = 0, ""  # positions of the read yielded so far, and the last sample's key
     for attempt in range(READ_TRIES):
         seen = 0  # positions of the shard walked in this attempt
         by_label: dict[int, int] = {}  # samples of each label met so far in the shard
         try:
-            stream = gopen(r.url)
+            stream = open_shard(r.url, cache)
             try:
                 files = ({**f, "__url__": r.url} for f in tar_file_iterator(stream))
                 for sample in group_by_keys(files):
@@ -414,8 +418,10 @@ class ShardStream(IterableDataset):
         views: ViewAugment | None = None,
         n_views: int = 2,
         require_labels: bool = True,
+        cache: ShardCache | None = None,
     ):
         super().__init__()
+        self.cache = cache
         self.shards, self.rank, self.world_size = shards, rank, world_size
         self.batch_size, self.seed, self.num_classes = batch_size, seed, num_classes
         self.augment, self.eval_resize, self.shuffle_block = augment, eval_resize, shuffle_block
@@ -482,7 +488,7 @@ class ShardStream(IterableDataset):
         used = self.world_size // self.rank_copies * self.batches_per_epoch * unique
         offset = epoch_offset(self.seed, self.epoch, shards.total, used)
         samples = read_samples(reads_for_range(order, offset + start, count), self.num_classes, copies,
-                               self.require_labels)
+                               self.require_labels, self.cache)
         samples = block_shuffle(samples, self.shuffle_block, [self.seed, self.epoch, start], done * unique)
         a, views, n_views = self.augment, self.views, self.n_views
         policy = make_policy(a.policy, a.randaugment_ops, a.randaugment_magnitude)
@@ -529,7 +535,7 @@ class ShardStream(IterableDataset):
         real = r1 - r0
         lo, hi = min((b0 + done) * self.batch_size, real), min(b1 * self.batch_size, real)
         samples = read_samples(reads_for_range(list(self.shards.shards), r0 + lo, hi - lo), self.num_classes,
-                               require_labels=self.require_labels)
+                               require_labels=self.require_labels, cache=self.cache)
         e, bs = self.eval_resize, self.batch_size
         pad = (torch.zeros(3, e.crop, e.crop, dtype=torch.uint8), PAD_LABEL, "", PAD_LABEL)
         for _ in range(b0 + done, b1):

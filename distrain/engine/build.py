@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from distrain.config import Config
 from distrain.data.index import ShardSet
+from distrain.data.remote import ShardCache
 from distrain.data.resample import Resampling, training_resampling
 from distrain.data.shards import resolve_shards
 from distrain.data.stream import Augment, EvalResize, ShardStream, make_loader
@@ -102,6 +103,7 @@ def train_stream(cfg: Config, data: DataSets, plan: BatchPlan, accelerator: Acce
         shuffle_block=d.shuffle_block,
         repeats=d.repeats,
         resampling=data.resampling,
+        cache=shard_cache(cfg),
         # A self-supervised phase trains on two views of each sample, labeled or not; label
         # propagation gives the unlabeled ones pseudo-labels.
         views=ssl_views(cfg),
@@ -122,7 +124,15 @@ def eval_stream(cfg: Config, shards: ShardSet, rank: int, world_size: int, num_c
         num_classes=num_classes,
         eval_resize=EvalResize(cfg.data.eval_resize, cfg.data.eval_crop),
         require_labels=require_labels,
+        cache=shard_cache(cfg),
     )
+
+
+def shard_cache(cfg: Config) -> ShardCache | None:
+    """The node-local copy of remote shards that ``data.cache_dir`` asks for, or None."""
+    if not cfg.data.cache_dir:
+        return None
+    return ShardCache(cfg.data.cache_dir, int(cfg.data.cache_max_gb * 2**30))
 
 
 def loader(cfg: Config, stream: ShardStream) -> DataLoader:
