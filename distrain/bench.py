@@ -32,6 +32,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from distrain.config import Config, ModelConfig
+from distrain.data import remote
 from distrain.data.decode import JPEG_MAGIC, image_size
 from distrain.data.index import INDEX_NAME
 from distrain.data.shards import reads_for_range, resolve_shards
@@ -138,7 +139,7 @@ def _torchvision_loader(folder: Path, res: int, batch: int, workers: int) -> Dat
                       drop_last=True, persistent_workers=False)
 
 
-def _distrain_loader(shards: Path, res: int, batch: int, workers: int, epoch: int) -> DataLoader:
+def _distrain_loader(shards: str | Path, res: int, batch: int, workers: int, epoch: int) -> DataLoader:
     shard_set = resolve_shards(str(shards))
     stream = ShardStream(shard_set, rank=0, world_size=1, batch_size=batch, seed=0, num_classes=len(shard_set.classes),
                          augment=Augment(res, (0.08, 1.0), (3 / 4, 4 / 3), True),
@@ -170,9 +171,10 @@ def bench_loader(data: str | Path | None, workers: int, resolutions: list[int], 
 
     Args:
         data: A class-per-folder tree (``train/<class>/*.jpg`` or ``<class>/*.jpg``), or a shard
-            spec (a shard-set directory, tar, glob or brace pattern) whose first ``images`` samples
-            are copied into such a tree; None builds the photo set in ``work_dir``. Shards are
-            written from the tree for the distrain stream.
+            spec (a shard-set directory, tar, glob or brace pattern, or a URL or ``pipe:`` command)
+            whose first ``images`` samples are copied into such a tree; None builds the photo set in
+            ``work_dir``. Shards are written from the tree for the distrain stream. Remote shards are
+            also streamed by distrain as they are (pipeline ``remote``), next to the local copy.
         workers: DataLoader worker processes for every pipeline.
         resolutions: Training resolutions to measure.
         batch: Batch size for every pipeline.
@@ -183,10 +185,14 @@ def bench_loader(data: str | Path | None, workers: int, resolutions: list[int], 
 
     Returns:
         ``{"images_per_s": {pipeline: {res: value}}, "ratios": {"vs_torchvision": {res: r},
-        "vs_decode": {res: r}}, "workers": workers, "batch": batch, "images": n}``
+        "vs_decode": {res: r}, "remote_vs_local": {res: r} (remote data only)}, "remote": URL or
+        None, "workers": workers, "batch": batch, "images": n}``
     """
     from distrain.data.writer import write_folder
 
+    # Remote shards are also streamed as they are, next to the local copy of their sample.
+    remote_spec = str(data) if data is not None and remote.is_remote(str(data)) else None
+    pipelines = PIPELINES + (("remote",) if remote_spec else ())
     if data is None:
         data = make_photo_set(work_dir / f"photos-{images}", count=images)
     elif is_shard_spec(data):
@@ -199,12 +205,14 @@ def bench_loader(data: str | Path | None, workers: int, resolutions: list[int], 
     shards = work_dir / f"shards-{_slug(folder)}-{len(files)}"
     if not (shards / "train" / INDEX_NAME).is_file():
         write_folder(data, shards, samples_per_shard=500, overwrite=True, progress=False)
-    results: dict[str, dict[int, list[float]]] = {p: {r: [] for r in resolutions} for p in PIPELINES}
+    results: dict[str, dict[int, list[float]]] = {p: {r: [] for r in resolutions} for p in pipelines}
     for k in range(rounds):
         for res in resolutions:
-            order = PIPELINES if k % 2 == 0 else PIPELINES[::-1]
+            order = pipelines if k % 2 == 0 else pipelines[::-1]
             for pipeline in order:
-                if pipeline == "distrain":
+                if pipeline == "remote":
+                    loader = _distrain_loader(remote_spec, res, batch, workers, epoch=k)
+                elif pipeline == "distrain":
                     loader = _distrain_loader(shards / "train", res, batch, workers, epoch=k)
                 elif pipeline == "torchvision":
                     loader = _torchvision_loader(folder, res, batch, workers)
@@ -212,12 +220,16 @@ def bench_loader(data: str | Path | None, workers: int, resolutions: list[int], 
                     loader = DataLoader(_Decode(files), batch_size=batch, shuffle=True, num_workers=workers)
                 results[pipeline][res].append(_rate(loader, batches, batch))
     rates = {p: {r: statistics.median(v) for r, v in by_res.items()} for p, by_res in results.items()}
+    ratios = {
+        "vs_torchvision": {r: rates["distrain"][r] / rates["torchvision"][r] for r in resolutions},
+        "vs_decode": {r: rates["distrain"][r] / rates["decode"][r] for r in resolutions},
+    }
+    if remote_spec:
+        ratios["remote_vs_local"] = {r: rates["remote"][r] / rates["distrain"][r] for r in resolutions}
     return {
         "images_per_s": rates,
-        "ratios": {
-            "vs_torchvision": {r: rates["distrain"][r] / rates["torchvision"][r] for r in resolutions},
-            "vs_decode": {r: rates["distrain"][r] / rates["decode"][r] for r in resolutions},
-        },
+        "ratios": ratios,
+        "remote": remote_spec,
         "data": str(folder),
         "workers": workers,
         "batch": batch,
@@ -252,6 +264,9 @@ def format_loader(result: dict) -> str:
     for r in rates["distrain"]:
         cells = "  ".join(f"{rates[p][r]:>7.0f} ({rates[p][r] / w:>5.0f}/w)" for p in PIPELINES)
         lines.append(f"{r:>5}  {cells}  {ratios['vs_torchvision'][r]:>13.2f}x  {ratios['vs_decode'][r]:>8.2f}x")
+    for r in rates.get("remote", {}):
+        lines.append(f"{r:>5}  distrain streaming {result['remote']}: {rates['remote'][r]:.0f} images/s, "
+                     f"{ratios['remote_vs_local'][r]:.2f}x distrain on the local copy of its sample")
     lines.append(f"images/s ({result['workers']} workers, batch {result['batch']}, {result['images']} images in "
                  f"{result['data']}, median of alternating rounds); /w = per worker")
     return "\n".join(lines)

@@ -12,6 +12,7 @@ from conftest import checked, distrain, read_jsonl, write_layout
 from servers import DroppingProxy, Nginx, RcloneS3, ServerUnavailable
 from test_train import recipe
 
+from distrain.bench import bench_loader, format_loader
 from distrain.data import remote
 from distrain.data.remote import ShardCache
 from distrain.data.shards import Read, resolve_shards
@@ -194,6 +195,16 @@ def test_the_cache_keeps_its_bound_and_never_a_partial_download(served, tmp_path
         with pytest.raises(ConnectionResetError):
             cache.open(proxy.url + "big/shard-00.tar")
     assert [p for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == kept
+
+
+def test_bench_loader_streams_a_url_next_to_the_local_copy(served, tmp_path, capsys):
+    root, server = served
+    result = bench_loader(server.url + "big/", workers=0, resolutions=[16], batch=4, rounds=1, batches=2,
+                          work_dir=tmp_path, images=40)
+    assert result["remote"] == server.url + "big/" and result["images_per_s"]["remote"][16] > 0
+    ratio = result["ratios"]["remote_vs_local"][16]
+    assert ratio == pytest.approx(result["images_per_s"]["remote"][16] / result["images_per_s"]["distrain"][16])
+    assert f"distrain streaming {server.url}big/" in format_loader(result)
 
 
 @pytest.mark.slow

@@ -3,23 +3,24 @@ commands, next to local paths.
 
 A remote shard spec names a shard-set directory (``https://host/sets/train/``,
 ``s3://bucket/sets/train/``) or tars (``https://host/sets/train/train-{000000..000127}.tar``,
-brace-expanded with no listing). The
-set's ``index.json`` is read from the same directory with one GET, so epochs are sized without
-listing the server or scanning a tar. A ``pipe:CMD`` spec runs CMD through the shell and reads the
-tar from its standard output (``pipe:aws s3 cp s3://bucket/train-000000.tar -``); its index comes
-from the same command with the ``.tar`` word replaced by ``index.json`` in the same directory.
+brace-expanded with no listing). The set's ``index.json`` is read from the same directory with one
+GET, so epochs are sized without listing the store or scanning a tar. A ``pipe:CMD`` spec runs CMD
+through the shell and reads the tar from its standard output (``pipe:gsutil cat
+gs://bucket/train-000000.tar``); its index comes from the same command with the ``.tar`` word
+replaced by ``index.json`` in the same directory.
 
 Credentials and endpoints come from the standard environment, never from the recipe: ``requests``
 reads ``~/.netrc`` and the proxy and CA variables (``REQUESTS_CA_BUNDLE``, ``SSL_CERT_FILE``), boto3
 reads ``AWS_*`` (``AWS_ENDPOINT_URL`` for a store other than AWS, which is then addressed path-style,
 as MinIO, Ceph and rclone expect) and ``~/.aws``, and a ``pipe:`` command sees the environment as it
-is. A URL holding a user or password is refused
-(:func:`check_spec`), so that none is written to a recipe, a resolved config or a log.
+is. A URL holding a user or password is refused (:func:`check_spec`), so that none is written to a
+recipe, a resolved config or a log.
 
-A transient failure (a refused or dropped connection, a timeout, an HTTP 429 or 5xx, a ``pipe:``
-command that exits non-zero) raises :class:`ConnectionResetError`, which the stream retries by
-reopening the shard and skipping what it already yielded; a 404 raises :class:`FileNotFoundError`,
-which is bad data at once.
+A transient failure (a refused or dropped connection, a timeout, an HTTP 429 or 5xx, an S3 error
+other than a missing key or a refusal, a ``pipe:`` command that exits non-zero) raises
+:class:`ConnectionResetError`, which the stream retries by reopening the shard and skipping what it
+already yielded; a 404 (S3 NoSuchKey) raises :class:`FileNotFoundError`, which is bad data at once.
+:class:`ShardCache` keeps remote shards on a node-local disk for later epochs (``data.cache_dir``).
 """
 
 from __future__ import annotations
