@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 
 from distrain.errors import DistrainError, RunStopped
 
@@ -330,17 +331,35 @@ def _imbalance_rows(shardset) -> list[tuple[str, str]]:
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
+    from distrain.data import remote
+
+    out = getattr(args, "out", None)
+    if out and remote.is_remote(out):
+        # Written locally first (the writer checks every image), then uploaded, index last.
+        with tempfile.TemporaryDirectory(prefix="distrain-data-") as tmp:
+            sets = _write_data(args, tmp)
+            root = out if out.endswith("/") else out + "/"
+            for name, path in sets.items():
+                rel = os.path.relpath(path, tmp)
+                print(f"{name}: {remote.upload_set(path, root if rel == '.' else root + rel, args.overwrite)}")
+        return 0
+    for name, path in _write_data(args, out).items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def _write_data(args: argparse.Namespace, out: str | None) -> dict:
     from distrain.data import writer
 
     if args.source == "digits":
         out = writer.write_digits(
-            args.out, samples_per_shard=args.samples_per_shard or 256, seed=args.seed, overwrite=args.overwrite,
+            out, samples_per_shard=args.samples_per_shard or 256, seed=args.seed, overwrite=args.overwrite,
             labeled_per_class=args.labeled_per_class,
         )
     elif args.source == "folder":
         out = writer.write_folder(
             args.src,
-            args.out,
+            out,
             samples_per_shard=args.samples_per_shard or 1000,
             shuffle_seed=None if args.no_shuffle else args.seed,
             overwrite=args.overwrite,
@@ -354,9 +373,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
         )
     else:
         out = {"index": writer.index_shards(args.dir)}
-    for name, path in out.items():
-        print(f"{name}: {path}")
-    return 0
+    return out
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
@@ -485,7 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="write webdataset shards with an index")
     dsub = d.add_subparsers(dest="source", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--out", required=True, help="output directory")
+    common.add_argument("--out", required=True, help="output directory, or s3://bucket/prefix (written locally, "
+                        "then uploaded with the index last)")
     common.add_argument("--samples-per-shard", type=int, default=0)
     common.add_argument("--seed", type=int, default=0, help="seed of the shuffle before sharding")
     common.add_argument("--overwrite", action="store_true", help="replace shards already in --out")

@@ -117,6 +117,17 @@ def test_an_s3_set_resolves_and_reads_like_the_local_one(served, s3):
     assert all("S3" in r.bad and r.url == s3 + "gone/shard-02.tar" for r in records)
 
 
+def test_the_writer_uploads_a_set_to_s3_index_last_and_refuses_to_overwrite(served, s3, tmp_path):
+    root, _ = served
+    out = checked(distrain(["data", "digits", "--out", s3 + "digits", "--samples-per-shard", "500"], cwd=tmp_path))
+    assert f"train: {s3}digits/train/" in out.stdout and f"test: {s3}digits/test/" in out.stdout
+    got = resolve_shards(s3 + "digits/train/")
+    assert got.total == 1437 and len(got.shards) == 3 and (root / "digits" / "train" / "index.json").is_file()
+    again = distrain(["data", "digits", "--out", s3 + "digits"], cwd=tmp_path)
+    assert again.returncode != 0 and "already there (pass --overwrite" in again.stderr
+    assert "Traceback" not in again.stderr
+
+
 def test_missing_index_unlisted_tar_and_untrusted_tls_are_one_line_errors(served, monkeypatch):
     root, server = served
     with pytest.raises(DistrainError, match=r"nothing/index.json: no shard index there"):

@@ -287,6 +287,42 @@ def _open_s3(url: str) -> IO[bytes]:
     return _BodyReader(body.read, body.close, url, (BotoCoreError, *_NETWORK_ERRORS))
 
 
+def upload_set(directory: str | Path, url: str, overwrite: bool = False) -> str:
+    """Copy a shard set written locally (its tars, then its ``index.json``) to an S3 prefix.
+
+    The index goes last, so that a reader never finds an index whose tars are not all there.
+
+    Returns:
+        The set's URL, ending in ``/``.
+
+    Raises:
+        DistrainError: ``url`` is not ``s3://``, the prefix already holds an index (and
+            ``overwrite`` is off), or an upload fails, naming the object.
+    """
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    if not url.startswith(S3):
+        raise DistrainError(f"--out {url}: shard sets are written to a local directory or to s3://bucket/prefix; "
+                            "upload them elsewhere with the store's own tools")
+    url = url if url.endswith("/") else url + "/"
+    bucket, prefix = urlsplit(url).netloc, urlsplit(url).path.lstrip("/")
+    client = _s3_client()
+    files = sorted(p for p in Path(directory).iterdir() if p.is_file() and p.name != "index.json")
+    try:
+        if not overwrite:
+            try:
+                client.head_object(Bucket=bucket, Key=prefix + "index.json")
+                raise DistrainError(f"--out {url}: a shard set is already there (pass --overwrite to replace it)")
+            except ClientError as e:
+                if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 404:
+                    raise
+        for path in [*files, Path(directory) / "index.json"]:
+            client.upload_file(str(path), bucket, prefix + path.name)
+    except (BotoCoreError, ClientError) as e:
+        raise DistrainError(f"--out {url}: upload failed ({type(e).__name__}: {e})") from None
+    return url
+
+
 def _reason(exc: Exception) -> str:
     """The innermost line of a requests/urllib3 error, which wraps its cause several times."""
     text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
