@@ -39,8 +39,9 @@ def ensure_nginx() -> str:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         if proc.returncode:
             raise ServerUnavailable(f"cannot install nginx: {' '.join(cmd)}: {proc.stderr.strip()[-300:]}")
-    # Debian starts the packaged service on port 80; the tests run their own.
-    subprocess.run(["service", "nginx", "stop"], capture_output=True)
+    # Debian starts the packaged service on port 80; the tests run their own, on free ports.
+    if shutil.which("service"):
+        subprocess.run(["service", "nginx", "stop"], capture_output=True)
     return shutil.which("nginx") or "/usr/sbin/nginx"
 
 
