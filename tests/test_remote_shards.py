@@ -218,6 +218,17 @@ def test_bench_loader_streams_a_url_next_to_the_local_copy(served, tmp_path, cap
     assert f"distrain streaming {server.url}big/" in format_loader(result)
 
 
+@pytest.mark.dist
+def test_a_listed_shard_the_store_lacks_stops_every_rank_before_training(served, tmp_path, digits):
+    root, server = served
+    cfg = recipe(tmp_path, digits, data={"train": server.url + "gone/", "eval": server.url + "set/"})
+    proc = distrain(["train", cfg], cwd=tmp_path, nproc=2)
+    message = f"{server.url}gone/shard-02.tar: listed in its shard set's index, but the store has no such object"
+    assert proc.returncode != 0 and proc.stderr.count(message) == 2, proc.stderr[-3000:]  # each rank, alike
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or "train/loss" not in (
+        tmp_path / "run" / "metrics.jsonl").read_text()
+
+
 @pytest.mark.slow
 @pytest.mark.dist
 def test_local_http_s3_and_pipe_runs_train_alike_on_two_ranks_and_resume_exactly(tmp_path, digits, monkeypatch):

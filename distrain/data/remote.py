@@ -287,6 +287,32 @@ def _open_s3(url: str) -> IO[bytes]:
     return _BodyReader(body.read, body.close, url, (BotoCoreError, *_NETWORK_ERRORS))
 
 
+def is_missing(url: str) -> bool:
+    """Whether the store says it has no object at ``url`` (one HEAD request; S3: head_object).
+
+    Only a definite "not there" counts: a transient failure or a ``pipe:`` command, which cannot
+    be asked, returns False and is left to the reads (retried, then bad data).
+    """
+    if url.startswith(PIPE):
+        return False
+    if url.startswith(S3):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        parts = urlsplit(url)
+        try:
+            _s3_client().head_object(Bucket=parts.netloc, Key=parts.path.lstrip("/"))
+        except ClientError as e:
+            return e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404
+        except BotoCoreError:
+            return False
+        return False
+    try:
+        response = requests.head(url, allow_redirects=True, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S))
+    except requests.RequestException:
+        return False
+    return response.status_code in (404, 410)
+
+
 def upload_set(directory: str | Path, url: str, overwrite: bool = False) -> str:
     """Copy a shard set written locally (its tars, then its ``index.json``) to an S3 prefix.
 

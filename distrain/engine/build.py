@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from distrain.config import Config
+from distrain.data import remote
 from distrain.data.index import ShardSet
 from distrain.data.remote import ShardCache
 from distrain.data.resample import Resampling, training_resampling
@@ -126,6 +128,32 @@ def eval_stream(cfg: Config, shards: ShardSet, rank: int, world_size: int, num_c
         require_labels=require_labels,
         cache=shard_cache(cfg),
     )
+
+
+def check_remote_shards(data: DataSets, accelerator: Accelerator) -> None:
+    """Stop before training, on every rank alike, if the store lacks a tar its set's index lists.
+
+    One HEAD per remote shard, split over the ranks (1,024 shards on 256 ranks: 4 requests each),
+    then all-gathered, so every rank raises the same error instead of one rank failing alone and
+    the others waiting for it in a collective.
+
+    Raises:
+        DistrainError: naming the first missing shard's URL and how many more there are.
+    """
+    sets = [data.train] + ([data.eval] if data.eval is not None else [])
+    urls = sorted({s.url for shards in sets for s in shards.shards if remote.is_remote(s.url)})
+    if not urls:
+        return
+    mine = urls[accelerator.process_index::accelerator.num_processes]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        missing = [u for u, gone in zip(mine, pool.map(remote.is_missing, mine)) if gone]
+    if accelerator.num_processes > 1:
+        parts: list = [None] * accelerator.num_processes
+        torch.distributed.all_gather_object(parts, missing)
+        missing = sorted(u for part in parts for u in part)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise DistrainError(f"{missing[0]}: listed in its shard set's index, but the store has no such object{more}")
 
 
 def shard_cache(cfg: Config) -> ShardCache | None:

@@ -40,7 +40,14 @@ from torch import nn
 
 from distrain.config import Config, dump, to_dict
 from distrain.data.device import ToDevice, prefetch_to_device
-from distrain.engine.build import eval_stream, loader, prepare_builtin, resolve_data, train_stream
+from distrain.engine.build import (
+    check_remote_shards,
+    eval_stream,
+    loader,
+    prepare_builtin,
+    resolve_data,
+    train_stream,
+)
 from distrain.engine.objective import Classification, make_objective
 from distrain.engine.phases import Phase, chain, resume_point
 from distrain.engine.step import finish_update, micro_batch
@@ -296,6 +303,7 @@ def _train(phase: Phase, accelerator: Accelerator, signals: StopSignals, resume:
     set_seed(cfg.seed, deterministic=cfg.deterministic)
     prepare_builtin(cfg, accelerator)
     data = resolve_data(cfg)
+    check_remote_shards(data, accelerator)
     plan = make_plan(cfg, accelerator.num_processes, data.epoch_samples)
     accelerator.gradient_accumulation_steps = plan.accumulation
     if accelerator.state.deepspeed_plugin is not None:
