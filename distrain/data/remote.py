@@ -35,6 +35,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -246,22 +247,29 @@ class _PipeReader(io.RawIOBase):
 
 
 _s3_clients: dict[int, object] = {}
+_s3_lock = threading.Lock()
 
 
 def _s3_client():
-    """This process's boto3 S3 client: a client must not cross a fork into the loader's workers."""
+    """This process's boto3 S3 client: a client must not cross a fork into the loader's workers.
+    Its calls are thread-safe, but creating it is not (boto3's default session), hence the lock."""
     pid = os.getpid()
-    if pid not in _s3_clients:
-        try:
-            import boto3
-            from botocore.config import Config
-        except ImportError:
-            raise DistrainError("s3:// shards need boto3: pip install 'distrain[s3]'") from None
-        custom = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        config = Config(connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S, retries={"max_attempts": 1},
-                        s3={"addressing_style": "path"} if custom else {})
-        _s3_clients.clear()
-        _s3_clients[pid] = boto3.client("s3", config=config)
+    with _s3_lock:
+        return _s3_clients[pid] if pid in _s3_clients else _new_s3_client(pid)
+
+
+def _new_s3_client(pid: int):
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError:
+        raise DistrainError("s3:// shards need boto3: pip install 'distrain[s3]'") from None
+    custom = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    # One attempt per call: the stream's own retry reopens the shard and skips what it yielded.
+    config = Config(connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S, retries={"max_attempts": 1},
+                    s3={"addressing_style": "path"} if custom else {})
+    _s3_clients.clear()  # another process's (the parent's, before a fork)
+    _s3_clients[pid] = boto3.client("s3", config=config)
     return _s3_clients[pid]
 
 
