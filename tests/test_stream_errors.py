@@ -7,11 +7,11 @@ import os
 
 import pytest
 from conftest import image_bytes, write_layout
-from webdataset.gopen import gopen
 
 import distrain.data.stream as stream_mod
 from distrain.data import decode
 from distrain.data.decode import DecodeError, eval_sample
+from distrain.data.remote import open_shard
 from distrain.data.shards import reads_for_range, resolve_shards
 from distrain.data.stream import Augment, ShardStream, StreamError, make_loader, read_samples
 
@@ -47,9 +47,9 @@ def failing_open(monkeypatch, url: str, error: OSError, times: int | None = None
         opened.append(u)
         if u == url and (times is None or opened.count(u) <= times):
             raise error
-        return gopen(u, *args, **kwargs)
+        return open_shard(u, *args, **kwargs)
 
-    monkeypatch.setattr(stream_mod, "gopen", fake)
+    monkeypatch.setattr(stream_mod, "open_shard", fake)
     return opened
 
 
@@ -117,10 +117,10 @@ def test_a_transient_error_mid_shard_resumes_without_duplicates(shards, monkeypa
 
     def flaky(u, *args, **kwargs):
         opens.append(u)
-        f = gopen(u, *args, **kwargs)
+        f = open_shard(u, *args, **kwargs)
         return _BrokenAfter(f, os.path.getsize(u) // 2) if u == url and opens.count(u) == 1 else f
 
-    monkeypatch.setattr(stream_mod, "gopen", flaky)
+    monkeypatch.setattr(stream_mod, "open_shard", flaky)
     assert all_samples(shards) == expected  # the samples before the error are not yielded again
     assert opens.count(url) == 2
 
