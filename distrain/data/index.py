@@ -158,16 +158,11 @@ def write_index(
 
 
 def read_index(directory: str | Path) -> dict:
-    """Read and check a shard-set index, local or remote (:mod:`distrain.data.remote`).
+    """Read and check the index of a local shard set (remote ones: :mod:`distrain.data.shards`).
 
     Raises:
         DistrainError: missing or malformed index, naming the file.
     """
-    from distrain.data import remote
-
-    if isinstance(directory, str) and remote.is_remote(directory):
-        where = remote.index_location(directory)
-        return parse_index(remote.read_index_bytes(where), where)
     path = Path(directory) / INDEX_NAME
     try:
         text = path.read_bytes()

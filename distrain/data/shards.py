@@ -1,8 +1,8 @@
 """Shard lists and who reads what.
 
 A shard spec (a shard-set directory, a tar path, a glob, a brace pattern, a URL or ``pipe:``
-command (:mod:`distrain.data.remote`), or a list of these) resolves to a :class:`ShardSet` whose counts come from each directory's ``index.json``. Each epoch
-the shards are put in a deterministic order for (seed, epoch), and the concatenated sample
+command (:mod:`distrain.data.remote`), or a list of these) resolves to a :class:`ShardSet` whose
+counts come from each set's ``index.json``. Each epoch the shards are put in a deterministic order for (seed, epoch), and the concatenated sample
 sequence, read from an offset per (seed, epoch) and wrapping around at its end, is cut into
 contiguous ranges: one per rank, then one per DataLoader worker inside it.
 Cutting samples rather than dealing whole shards is what gives every rank exactly the same number

@@ -144,16 +144,20 @@ def check_remote_shards(data: DataSets, accelerator: Accelerator) -> None:
     urls = sorted({s.url for shards in sets for s in shards.shards if remote.is_remote(s.url)})
     if not urls:
         return
-    mine = urls[accelerator.process_index::accelerator.num_processes]
+    mine = range(accelerator.process_index, len(urls), accelerator.num_processes)
     with ThreadPoolExecutor(max_workers=16) as pool:
-        missing = [u for u, gone in zip(mine, pool.map(remote.is_missing, mine)) if gone]
+        missing = [i for i, gone in zip(mine, pool.map(remote.is_missing, [urls[i] for i in mine])) if gone]
+    # Every rank holds the same sorted list, so a count and the first index say it all: two
+    # all-reduces of one number, no objects pickled between ranks.
+    count = torch.tensor([len(missing)])
+    first = torch.tensor([min(missing, default=len(urls))])
     if accelerator.num_processes > 1:
-        parts: list = [None] * accelerator.num_processes
-        torch.distributed.all_gather_object(parts, missing)
-        missing = sorted(u for part in parts for u in part)
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise DistrainError(f"{missing[0]}: listed in its shard set's index, but the store has no such object{more}")
+        torch.distributed.all_reduce(count)
+        torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)
+    if count.item():
+        more = f" (and {count.item() - 1} more)" if count.item() > 1 else ""
+        raise DistrainError(f"{urls[first.item()]}: listed in its shard set's index, but the store has no such "
+                            f"object{more}")
 
 
 def shard_cache(cfg: Config) -> ShardCache | None:
