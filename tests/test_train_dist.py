@@ -35,6 +35,9 @@ def test_two_ranks_train_identical_replicas(two_rank_run):
     a, b = summary["replica_fingerprints"]
     assert a == b
     assert proc.stdout.count("distrain: done:") == 1  # rank 0 alone reports
+    # and alone prints the lines above the bar: the plan, the model, each eval
+    assert proc.stderr.count("distrain: model ") == 1
+    assert proc.stderr.count("epoch 1 update 22: eval top-1") == 1
 
 
 def test_eval_is_exactly_once_on_any_number_of_ranks(two_rank_run):

@@ -338,12 +338,11 @@ def _train(phase: Phase, accelerator: Accelerator, signals: StopSignals, resume:
                (data.eval.classes or data.train.classes) if data.eval is not None else ())
     logger = MetricsLogger(accelerator, cfg, run_dir, phase.log_prefix, step_offset, wandb_dir)
     last_update = min(plan.total_updates, cfg.train.max_updates or plan.total_updates)
-    progress = Progress(last_update, state.update, enabled=accelerator.is_main_process and cfg.logging.progress)
-    if accelerator.is_main_process:
-        progress.write(_plan_line(plan, cfg, run_dir, checkpoint, phase))
-        progress.write(f"distrain: model {described}")
-        if objective.load_report is not None and checkpoint is None:
-            progress.write(f"distrain: {objective.load_report}")
+    progress = Progress(last_update, state.update, main=accelerator.is_main_process, bar=cfg.logging.progress)
+    progress.write(_plan_line(plan, cfg, run_dir, checkpoint, phase))
+    progress.write(f"distrain: model {described}")
+    if objective.load_report is not None and checkpoint is None:
+        progress.write(f"distrain: {objective.load_report}")
     started_with = objective.start_metrics(model, eval_loader, to_device, accelerator)
     if started_with:
         logger.log(state.update, state.epoch, started_with)
@@ -459,7 +458,7 @@ def _train(phase: Phase, accelerator: Accelerator, signals: StopSignals, resume:
         if saved_at != state.update:
             run.save()
         restored = run.restore_best() if cfg.early_stopping.restore_best else None
-        if restored is not None and accelerator.is_main_process:
+        if restored is not None:
             progress.write(f"distrain: exporting the best weights, from {restored}")
         run.export()
         fingerprints = run.fingerprints()

@@ -123,7 +123,7 @@ def evaluate_checkpoint(target: str, overrides: list[str], resizes: list[int] | 
         result = {**metrics, "checkpoint": str(checkpoint), **confusion_record(metrics.confusion, classes)}
     else:
         hits = {}
-        progress = Progress(len(resizes), 0, enabled=accelerator.is_main_process, unit="resize")
+        progress = Progress(len(resizes), 0, main=accelerator.is_main_process, unit="resize")
         for r in resizes:
             swept = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_resize=r))
             hits[r] = sample_hits(model, stream(swept), to_device, accelerator)
