@@ -220,6 +220,7 @@ def _plan_rows(cfg, plan, args: argparse.Namespace) -> list[tuple[str, object]]:
         ("global batch", plan.global_batch),
         ("training samples", f"{plan.train_samples}{_resampled(cfg)}"),
         *_imbalance_rows(_train_shards(cfg)),
+        *_crowding_rows(cfg, _train_shards(cfg), plan.per_device),
         ("updates per epoch", plan.updates_per_epoch),
         ("samples per epoch", plan.samples_per_epoch),
         *([("distinct samples per epoch", f"{plan.unique_samples_per_epoch} ({plan.repeats} repeats)")]
@@ -328,6 +329,17 @@ def _imbalance_rows(shardset) -> list[tuple[str, str]]:
         return [("class imbalance", f"unknown: run `distrain data index {dirs or 'DIR'}` to count classes")]
     ratio = f"{imbalance['ratio']:.1f}" if imbalance["ratio"] is not None else "infinite"
     return [("class imbalance", f"{ratio} ({imbalance['largest']} / {imbalance['smallest']} samples per class)")]
+
+
+def _crowding_rows(cfg, shardset, batch: int) -> list[tuple[str, str]]:
+    """The plan's warning when oversampling puts several copies of a sample in one batch."""
+    from distrain.data.resample import training_resampling
+
+    if shardset is None or not _resampled(cfg):
+        return []
+    rs = training_resampling(shardset, cfg.data.resample, cfg.data.repeat_threshold, cfg.lp.epoch_share, cfg.seed)
+    note = rs.crowding(cfg.data.shuffle_block, batch) if rs is not None else ""
+    return [("warning", note)] if note else []
 
 
 def _cmd_data(args: argparse.Namespace) -> int:

@@ -5,7 +5,10 @@ from disk."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 import shutil
+import sys
+import time
 
 import pytest
 from conftest import checked, distrain, read_jsonl, write_layout
@@ -16,7 +19,7 @@ from distrain.bench import bench_loader, format_loader
 from distrain.data import remote
 from distrain.data.remote import ShardCache
 from distrain.data.shards import Read, resolve_shards
-from distrain.data.stream import READ_TRIES, read_samples
+from distrain.data.stream import READ_TRIES, StreamError, read_samples
 from distrain.errors import DistrainError
 
 COUNTS = [7, 5, 9, 6]
@@ -55,8 +58,23 @@ def test_remote_specs_name_their_index_and_tars():
     pipe = "pipe:aws s3 cp s3://bucket/sets/train/t-01.tar -"
     assert remote.index_location(pipe) == "pipe:aws s3 cp s3://bucket/sets/train/index.json -"
     assert remote.tar_name(pipe) == "t-01.tar" and remote.tar_name("https://h/a/t-02.tar") == "t-02.tar"
+    # the shell sees the index's command as it sees the tar's: variables, pipes and quotes kept
+    piped = "pipe:aws s3 cp s3://$BUCKET/sets/t-01.tar - | cat"
+    assert remote.index_location(piped) == "pipe:aws s3 cp s3://$BUCKET/sets/index.json - | cat"
+    assert remote.index_location("pipe:cat 'my sets/t-01.tar'") == "pipe:cat 'my sets/index.json'"
+    assert remote.index_location(r"pipe:cat my\ sets/t-01.tar") == "pipe:cat 'my sets/index.json'"
     with pytest.raises(DistrainError, match="needs the tar's path or URL"):
         remote.index_location("pipe:cat -")
+
+
+def test_s3_without_boto3_says_what_to_install(monkeypatch):
+    for module in ("boto3", "botocore", "botocore.config", "botocore.exceptions"):
+        monkeypatch.setitem(sys.modules, module, None)  # what an install without distrain[s3] has
+    monkeypatch.setattr(remote, "_s3_clients", {})
+    for call in (lambda: resolve_shards("s3://bucket/sets/train/"), lambda: remote.is_missing("s3://b/t-01.tar"),
+                 lambda: remote.upload_set(".", "s3://bucket/sets/train/")):
+        with pytest.raises(DistrainError, match=r"need boto3: pip install 'distrain\[s3\]'"):
+            call()
 
 
 def test_a_url_with_a_password_is_refused_without_printing_it():
@@ -170,6 +188,18 @@ def test_a_shard_that_stays_unreachable_is_bad_data_naming_its_url(served):
                                              for r in records)
 
 
+def test_a_chatty_pipe_command_reads_through_and_a_missing_command_stops_the_rank(tmp_path):
+    layout = write_layout(tmp_path / "set", [6])
+    local = list(read_samples([Read(str(layout / "shard-00.tar"), 0, 6)], num_classes=4))
+    # 1 MB on stderr before the tar: read only at the end, it must not fill a pipe and block.
+    chatty = f"pipe:head -c 1000000 /dev/zero >&2; cat {layout}/shard-00.tar"
+    records = list(read_samples([Read(chatty, 0, 6)], num_classes=4))
+    assert [(r.key, r.data, r.bad) for r in records] == [(r.key, r.data, r.bad) for r in local]
+    # A command the shell cannot find is a setup error, not missing data: the rank stops, naming it.
+    with pytest.raises(StreamError, match=r"no-such-tool-xyz.*exited 127.*not bad data"):
+        list(read_samples([Read(f"pipe:no-such-tool-xyz {layout}/shard-00.tar", 0, 6)], num_classes=4))
+
+
 def _read_through(cache_dir: str, url: str, out) -> None:
     with ShardCache(cache_dir, 2**30).open(url) as f:
         out.put(f.read())
@@ -206,6 +236,14 @@ def test_the_cache_keeps_its_bound_and_never_a_partial_download(served, tmp_path
         with pytest.raises(ConnectionResetError):
             cache.open(proxy.url + "big/shard-00.tar")
     assert [p for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == kept
+    # A worker killed mid-download (a preempted job's) leaves its part: a stale one goes at the next
+    # download, a fresh one (a download in progress elsewhere) stays.
+    stale, live = tmp_path / ".shard-00.tar.999.dead.part", tmp_path / ".shard-00.tar.998.live.part"
+    for part in (stale, live):
+        part.write_bytes(b"x" * 1000)
+    os.utime(stale, (time.time() - remote.STALE_PART_S - 60,) * 2)
+    cache.open(server.url + "big/shard-00.tar").close()
+    assert not stale.exists() and live.exists()
 
 
 def test_bench_loader_streams_a_url_next_to_the_local_copy(served, tmp_path, capsys):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import checked, distrain, read_jsonl
+from conftest import checked, distrain, image_bytes, read_jsonl
 from safetensors.torch import load_file
 from test_train import recipe
 
@@ -140,3 +140,25 @@ def test_the_cifar_stem_of_a_resnet():
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     with pytest.raises(DistrainError, match="model.cifar_stem: vit_b_16 has no ResNet stem"):
         from_dict({"model": {"name": "vit_b_16", "cifar_stem": True}})
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_a_rank_with_no_eval_sample_still_joins_the_knn_monitor(tmp_path, digits):
+    """One eval sample on 2 ranks: rank 1's share is padding only (as any rank's past the end of a
+    small eval set on 512 GPUs). It must join the monitor's reduce with nothing, not fail alone."""
+    import webdataset as wds
+
+    from distrain.data.index import write_index
+
+    one = tmp_path / "one-eval"
+    one.mkdir()
+    with wds.TarWriter(str(one / "e-000000.tar")) as tw:
+        tw.write({"__key__": "e0", "png": image_bytes(7), "cls": b"3"})
+    write_index(one, [("e-000000.tar", 1)], [str(c) for c in range(10)])
+    cfg = recipe(tmp_path, digits, data={"eval": str(one)}, batch={"per_device": 32, "accumulation": 1},
+                 schedule={"epochs": 1}, train={"max_updates": 1, "label_smoothing": 0.0}, ssl=SIMCLR,
+                 distributed={"timeout_s": 60})
+    checked(distrain(["train", cfg], cwd=tmp_path, nproc=2))
+    knn = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "eval/knn_top1" in r]
+    assert len(knn) == 2 and all(r["eval/samples"] == 1 for r in knn)

@@ -260,3 +260,13 @@ def test_knn_rejects_bad_arguments():
         knn_predict(torch.randn(2, 3), bank, labels, 2, k=0)
     with pytest.raises(ValueError):
         knn_predict(torch.randn(2, 3), bank, labels[:3], 2)
+
+
+def test_knn_of_no_query_is_empty():
+    """A rank whose share of the eval set is all padding (an eval set smaller than the world, or a
+    rank whose samples are all bad) has no query: an empty result, not an error that leaves the
+    other ranks waiting in the all-reduce that follows."""
+    bank, labels = torch.randn(4, 3), torch.tensor([0, 1, 1, 0])
+    none = torch.zeros(0, 3)
+    assert knn_predict(none, bank, labels, 2).shape == (0,) and knn_predict(none, bank, labels, 2).dtype == torch.long
+    assert knn_scores(none, bank, labels, 2).shape == (0, 2)

@@ -25,6 +25,7 @@ already yielded; a 404 (S3 NoSuchKey) raises :class:`FileNotFoundError`, which i
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -35,6 +36,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
 import uuid
@@ -57,6 +59,8 @@ CONNECT_TIMEOUT_S = 30
 """Seconds to wait for a server to accept a connection."""
 READ_TIMEOUT_S = 60
 """Seconds a read may wait for the next bytes before the connection counts as dropped."""
+STALE_PART_S = 3600
+"""A cache's partial download untouched for this long was left by a killed process: deleted."""
 INDEX_TRIES = 4
 """Reads of a remote index, the first included, before a transient failure stops the run."""
 _TRANSIENT_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -98,8 +102,16 @@ def index_location(spec: str) -> str:
     """Where the index of the set holding ``spec`` (a directory or one tar) is read from."""
     if spec.startswith(PIPE):
         words, i = _pipe_target(spec)
-        words[i] = words[i].rsplit("/", 1)[0] + "/index.json" if "/" in words[i] else "index.json"
-        return PIPE + shlex.join(words)
+        tar = words[i]
+        index = tar.rsplit("/", 1)[0] + "/index.json" if "/" in tar else "index.json"
+        # Replaced in the command as written, so that its shell sees what the shard's command
+        # gives it ($VARS, pipes, quotes); rebuilt from the words only if the tar was escaped there.
+        raw = spec[len(PIPE):]
+        at = raw.rfind(tar)
+        if at < 0:
+            words[i] = index
+            return PIPE + shlex.join(words)
+        return PIPE + raw[:at] + index + raw[at + len(tar):]
     return shard_location(spec, "index.json") if is_directory(spec) else spec.rsplit("/", 1)[0] + "/index.json"
 
 
@@ -215,8 +227,11 @@ class _PipeReader(io.RawIOBase):
 
     def __init__(self, spec: str):
         self._spec = spec
+        # stderr to a file, not a pipe: a chatty command (curl -v) would fill a pipe nobody reads
+        # until the end and block there, and the worker with it.
+        self._stderr = tempfile.TemporaryFile()
         self._proc = subprocess.Popen(spec[len(PIPE):], shell=True, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, bufsize=0)
+                                      stderr=self._stderr, bufsize=0)
 
     def readable(self) -> bool:
         return True
@@ -230,8 +245,11 @@ class _PipeReader(io.RawIOBase):
     def _check(self) -> None:
         code = self._proc.wait()
         if code:
-            err = self._proc.stderr.read().decode(errors="replace").strip().splitlines()
+            self._stderr.seek(max(0, self._stderr.seek(0, os.SEEK_END) - 4096))
+            err = self._stderr.read().decode(errors="replace").strip().splitlines()
             last = err[-1] if err else "no message"
+            if code in (126, 127):  # the shell found no such command, or cannot run it: not the data
+                raise OSError(errno.ENOEXEC, f"command exited {code}: {last}", self._spec)
             if re.search(r"no such file|not found|does not exist|404", last, re.IGNORECASE):
                 raise FileNotFoundError(errno.ENOENT, f"command exited {code}: {last}", self._spec)
             raise ConnectionResetError(errno.ECONNRESET, f"command exited {code}: {last}")
@@ -242,7 +260,7 @@ class _PipeReader(io.RawIOBase):
         if not self.closed:
             self._proc.wait()
             self._proc.stdout.close()
-            self._proc.stderr.close()
+            self._stderr.close()
         super().close()
 
 
@@ -274,11 +292,12 @@ def _new_s3_client(pid: int):
 
 
 def _open_s3(url: str) -> IO[bytes]:
+    client = _s3_client()  # first: without boto3 it raises the one-line "install distrain[s3]"
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
     parts = urlsplit(url)
     try:
-        body = _s3_client().get_object(Bucket=parts.netloc, Key=parts.path.lstrip("/"))["Body"]
+        body = client.get_object(Bucket=parts.netloc, Key=parts.path.lstrip("/"))["Body"]
     except NoCredentialsError:
         raise PermissionError(errno.EACCES, "no S3 credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or "
                               "~/.aws/credentials)", url) from None
@@ -304,11 +323,12 @@ def is_missing(url: str) -> bool:
     if url.startswith(PIPE):
         return False
     if url.startswith(S3):
+        client = _s3_client()  # first, as in _open_s3
         from botocore.exceptions import BotoCoreError, ClientError
 
         parts = urlsplit(url)
         try:
-            _s3_client().head_object(Bucket=parts.netloc, Key=parts.path.lstrip("/"))
+            client.head_object(Bucket=parts.netloc, Key=parts.path.lstrip("/"))
         except ClientError as e:
             return e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404
         except BotoCoreError:
@@ -333,14 +353,14 @@ def upload_set(directory: str | Path, url: str, overwrite: bool = False) -> str:
         DistrainError: ``url`` is not ``s3://``, the prefix already holds an index (and
             ``overwrite`` is off), or an upload fails, naming the object.
     """
-    from botocore.exceptions import BotoCoreError, ClientError
-
     if not url.startswith(S3):
         raise DistrainError(f"--out {url}: shard sets are written to a local directory or to s3://bucket/prefix; "
                             "upload them elsewhere with the store's own tools")
     url = url if url.endswith("/") else url + "/"
     bucket, prefix = urlsplit(url).netloc, urlsplit(url).path.lstrip("/")
-    client = _s3_client()
+    client = _s3_client()  # first, as in _open_s3
+    from botocore.exceptions import BotoCoreError, ClientError
+
     files = sorted(p for p in Path(directory).iterdir() if p.is_file() and p.name != "index.json")
     try:
         if not overwrite:
@@ -371,8 +391,9 @@ class ShardCache:
     one of them download it while the others wait, the download goes to a temporary file renamed
     into place when complete, so no reader ever sees a partial shard, and then they all read the
     local copy. After a download, the least recently used shards beyond ``max_bytes`` are deleted
-    (a reader that has one open keeps reading it). The lock is ``flock``, so the directory must be
-    on a local disk, not on NFS.
+    (a reader that has one open keeps reading it), and so are partial downloads older than
+    :data:`STALE_PART_S` (left by a worker killed mid-download). The lock is ``flock``, so the
+    directory must be on a local disk, not on NFS.
     """
 
     directory: str
@@ -395,10 +416,12 @@ class ShardCache:
         while True:  # again if another process evicts the copy between its download and our open
             try:
                 f = open(path, "rb")
-                os.utime(path)  # its use, for the least-recently-used eviction
-                return f
             except FileNotFoundError:
                 pass
+            else:
+                with contextlib.suppress(FileNotFoundError):  # evicted since: our open copy reads on
+                    os.utime(path)  # its use, for the least-recently-used eviction
+                return f
             with open(str(path) + ".lock", "a+b") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 if path.exists():
@@ -407,23 +430,29 @@ class ShardCache:
                 try:
                     with open_remote(url) as src, open(part, "wb") as dst:
                         shutil.copyfileobj(src, dst, 1 << 20)
+                    f = open(part, "rb")  # before the rename: an eviction right after it cannot take our copy
                     os.replace(part, path)
-                    f = open(path, "rb")
                 finally:
                     part.unlink(missing_ok=True)
-                self._evict(keep=path)
+                self._evict(keep=path, kept_bytes=os.fstat(f.fileno()).st_size)
                 return f
 
-    def _evict(self, keep: Path) -> None:
+    def _evict(self, keep: Path, kept_bytes: int) -> None:
         entries = []
+        now = time.time()
         for p in Path(self.directory).iterdir():
-            if p != keep and not p.name.startswith(".") and not p.name.endswith(".lock"):
-                try:
-                    st = p.stat()
-                except FileNotFoundError:
-                    continue  # another process evicted it
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                continue  # another process evicted it
+            if p.name.endswith(".part"):
+                # A download killed mid-way (a preempted job's worker exits without cleaning up)
+                # leaves its part behind; a live one writes to it far more often than this.
+                if now - st.st_mtime > STALE_PART_S:
+                    p.unlink(missing_ok=True)
+            elif p != keep and not p.name.startswith(".") and not p.name.endswith(".lock"):
                 entries.append((st.st_mtime, st.st_size, p))
-        total = keep.stat().st_size + sum(size for _, size, _ in entries)
+        total = kept_bytes + sum(size for _, size, _ in entries)
         for _, size, p in sorted(entries):
             if total <= self.max_bytes:
                 break

@@ -135,6 +135,27 @@ class Resampling:
         return cls(shards, np.where(counts > 0, factor, 0.0), seed)
 
     @property
+    def max_copies(self) -> int:
+        """The most copies any sample gets in an epoch."""
+        return int(max((b + (e > 0) for b, e in zip(self.base, self.extra)), default=1))
+
+    def crowding(self, shuffle_block: int, batch: int) -> str:
+        """A warning when a batch would hold several copies of one oversampled sample, else "".
+
+        The copies of a sample are adjacent before the block shuffle (module docstring), so a batch
+        drawn from a block holds about ``copies x batch / shuffle_block`` of each sample in it: from
+        1 on, the labeled half of a label-propagation batch (or a rare class's share) is made of
+        fewer distinct images than it has places.
+        """
+        copies = self.max_copies
+        if copies * batch <= shuffle_block:
+            return ""
+        return (f"data.shuffle_block {shuffle_block}: a sample oversampled {copies}x per epoch appears about "
+                f"{copies * batch / shuffle_block:.1f} times in each batch of {batch} that holds it; a block of "
+                f"{copies * batch} or more spreads its copies over distinct batches (it holds that many encoded "
+                "samples in each worker's memory)")
+
+    @property
     def total(self) -> int:
         """Samples in every expanded epoch."""
         return int(self.totals.sum() + self.uncounted.sum())

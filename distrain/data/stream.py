@@ -82,7 +82,7 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from distrain.data.decode import IMAGE_EXTS, DecodeError, eval_sample, make_policy, train_sample
 from distrain.data.index import ShardSet
-from distrain.data.remote import ShardCache, open_shard
+from distrain.data.remote import ShardCache, is_remote, open_shard
 from distrain.data.resample import Resampling
 from distrain.data.shards import Read, epoch_offset, reads_for_range, repeat_layout, shard_order, split_evenly
 from distrain.data.views import ViewAugment, ssl_view
@@ -176,9 +176,9 @@ class KeyedTargets:
         """(label, weight) of a training position: an unlabeled sample's from the table, a labeled
         one's own label with weight 1, a padding position's with weight 0.
 
-        Raises:
-            StreamError: an unlabeled sample the table does not know (the shards changed since the
-                propagation).
+        An unlabeled sample the table does not know gets weight 0 until the next propagation: it was
+        unreadable during the feature pass (a remote read that failed past its retries is bad data
+        there), so it has no pseudo-label. Stopping would stop every resume at the same sample.
         """
         if label == PAD_LABEL:
             return label, 0.0
@@ -186,8 +186,7 @@ class KeyedTargets:
             return label, 1.0
         i = self.row.get(key)
         if i is None:
-            raise StreamError(f"{url}: sample {key!r} has no pseudo-label: the shards changed since the "
-                              "propagation; not bad data, so the rank stops")
+            return 0, 0.0
         return int(self.labels[i]), float(self.weights[i])
 
 
@@ -241,7 +240,12 @@ _TRANSIENT_ERRNOS = frozenset(getattr(errno, name) for name in (
 READ_TRIES = 4
 """Opens of a shard, the first included, before a transient read error makes its rest bad."""
 RETRY_DELAY_S = 0.25
-"""Wait before the first reopen; it doubles at each further one."""
+"""Wait before the first reopen of a local shard; it doubles at each further one."""
+REMOTE_RETRY_DELAY_S = 1.0
+"""The same for a remote shard: an object store that sheds load (S3's 503 SlowDown) needs seconds,
+not a fraction of one, and thousands of workers must not all come back at the same instant, so
+every wait is also jittered by +-50% (1, 2, 4 s on average: about 7 s before the rest is bad)."""
+_jitter = random.Random()  # not the seeded streams' generators: a wait must not change what is drawn
 
 
 def _transient(exc: Exception) -> bool:
@@ -316,7 +320,10 @@ def _read_one(
                 stream.close()
         except Exception as exc:
             if _transient(exc) and attempt + 1 < READ_TRIES:
-                time.sleep(RETRY_DELAY_S * 2**attempt)
+                if is_remote(r.url):
+                    time.sleep(REMOTE_RETRY_DELAY_S * 2**attempt * _jitter.uniform(0.5, 1.5))
+                else:
+                    time.sleep(RETRY_DELAY_S * 2**attempt)
                 continue
             if not (_transient(exc) or isinstance(exc, _TAR_DATA_ERRORS)):
                 after = f" after sample {key!r}" if key else ""

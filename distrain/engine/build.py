@@ -134,7 +134,7 @@ def check_remote_shards(data: DataSets, accelerator: Accelerator) -> None:
     """Stop before training, on every rank alike, if the store lacks a tar its set's index lists.
 
     One HEAD per remote shard, split over the ranks (1,024 shards on 256 ranks: 4 requests each),
-    then all-gathered, so every rank raises the same error instead of one rank failing alone and
+    then agreed by all-reduces, so every rank raises the same error instead of one rank failing alone and
     the others waiting for it in a collective.
 
     Raises:
@@ -148,9 +148,10 @@ def check_remote_shards(data: DataSets, accelerator: Accelerator) -> None:
     with ThreadPoolExecutor(max_workers=16) as pool:
         missing = [i for i, gone in zip(mine, pool.map(remote.is_missing, [urls[i] for i in mine])) if gone]
     # Every rank holds the same sorted list, so a count and the first index say it all: two
-    # all-reduces of one number, no objects pickled between ranks.
-    count = torch.tensor([len(missing)])
-    first = torch.tensor([min(missing, default=len(urls))])
+    # all-reduces of one number, no objects pickled between ranks. On the accelerator's device:
+    # NCCL reduces no CPU tensor.
+    count = torch.tensor([len(missing)], device=accelerator.device)
+    first = torch.tensor([min(missing, default=len(urls))], device=accelerator.device)
     if accelerator.num_processes > 1:
         torch.distributed.all_reduce(count)
         torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)

@@ -341,6 +341,9 @@ def _train(phase: Phase, accelerator: Accelerator, signals: StopSignals, resume:
     progress = Progress(last_update, state.update, main=accelerator.is_main_process, bar=cfg.logging.progress)
     progress.write(_plan_line(plan, cfg, run_dir, checkpoint, phase))
     progress.write(f"distrain: model {described}")
+    crowded = data.resampling.crowding(cfg.data.shuffle_block, plan.per_device) if data.resampling else ""
+    if crowded:
+        progress.write(f"distrain: warning: {crowded}")
     if objective.load_report is not None and checkpoint is None:
         progress.write(f"distrain: {objective.load_report}")
     started_with = objective.start_metrics(model, eval_loader, to_device, accelerator)

@@ -238,7 +238,9 @@ def knn_scores(features: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Te
     Returns:
         ``(Q, C)`` float32 scores.
     """
-    return torch.cat(list(_knn_chunk_scores(features, bank, bank_labels, num_classes, k, temperature, chunk)))
+    # An empty cat for no query: a rank whose eval share is all padding or bad data has none.
+    empty = features.new_zeros(0, num_classes, dtype=torch.float32)
+    return torch.cat([empty, *_knn_chunk_scores(features, bank, bank_labels, num_classes, k, temperature, chunk)])
 
 
 def knn_predict(features: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, num_classes: int,
@@ -251,5 +253,7 @@ def knn_predict(features: torch.Tensor, bank: torch.Tensor, bank_labels: torch.T
     Returns:
         ``(Q,)`` int64 labels.
     """
-    return torch.cat([scores.argmax(dim=1)
-                      for scores in _knn_chunk_scores(features, bank, bank_labels, num_classes, k, temperature, chunk)])
+    empty = torch.zeros(0, dtype=torch.long, device=features.device)  # no query on this rank (see knn_scores)
+    return torch.cat([empty, *(scores.argmax(dim=1)
+                               for scores in _knn_chunk_scores(features, bank, bank_labels, num_classes, k, temperature,
+                                                               chunk))])
