@@ -190,7 +190,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     plans = [make_plan(c, world, c.data.train_samples if c.data.train_samples and not _resampled(c)
                        else _indexed_train_samples(c)) for c in phases]
     if args.json:
-        docs = [{**p.as_dict(), "class_imbalance": _class_imbalance(_train_shards(c))} for c, p in zip(phases, plans)]
+        docs = []
+        for c, p in zip(phases, plans):
+            train = _train_shards(c)
+            docs.append({**p.as_dict(), "class_imbalance": _class_imbalance(train),
+                         "warnings": [note for _, note in _crowding_rows(c, train, p.per_device)]})
         doc = docs[0] if not cfg.phases else {c.out_dir.name: d for c, d in zip(phases, docs)}
         print(json.dumps(doc, indent=1))
         return 0
@@ -212,6 +216,7 @@ def _plan_rows(cfg, plan, args: argparse.Namespace) -> list[tuple[str, object]]:
     """The rows ``distrain plan`` prints for one phase."""
     from distrain.plan import make_plan
 
+    train = _train_shards(cfg)  # once: a remote set's index is a request
     rows = [
         ("processes", f"{args.nodes} node(s) x {args.gpus_per_node} = {plan.world_size}"),
         *([("target global batch", cfg.batch.global_batch)] if cfg.batch.global_batch else []),
@@ -219,8 +224,8 @@ def _plan_rows(cfg, plan, args: argparse.Namespace) -> list[tuple[str, object]]:
         ("accumulation", plan.accumulation),
         ("global batch", plan.global_batch),
         ("training samples", f"{plan.train_samples}{_resampled(cfg)}"),
-        *_imbalance_rows(_train_shards(cfg)),
-        *_crowding_rows(cfg, _train_shards(cfg), plan.per_device),
+        *_imbalance_rows(train),
+        *_crowding_rows(cfg, train, plan.per_device),
         ("updates per epoch", plan.updates_per_epoch),
         ("samples per epoch", plan.samples_per_epoch),
         *([("distinct samples per epoch", f"{plan.unique_samples_per_epoch} ({plan.repeats} repeats)")]

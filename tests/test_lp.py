@@ -3,6 +3,7 @@ form, pseudo-labels and weights, the config's refusals, and the stream serving p
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 
@@ -255,3 +256,5 @@ def test_the_plan_sizes_the_epoch_a_labeled_share_expands(tmp_path):
     out = checked(distrain(["plan", str(cfg), "data.shuffle_block=16"], cwd=tmp_path)).stdout
     assert ("data.shuffle_block 16: a sample oversampled 5x per epoch appears about 1.2 times in each batch of 4"
             in out and "a block of 20 or more" in out)
+    doc = json.loads(checked(distrain(["plan", str(cfg), "data.shuffle_block=16", "--json"], cwd=tmp_path)).stdout)
+    assert len(doc["warnings"]) == 1 and "a block of 20 or more" in doc["warnings"][0]
